@@ -1,0 +1,149 @@
+"""Typed training configuration: the one source of defaults.
+
+YAML files hold only what differs from these defaults; `key=value` CLI arguments override both. Unknown keys
+and wrongly typed values are errors that name the key (omegaconf structured configs), and `validate()` checks
+the rules between fields with messages that say which key to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASKS = ("pretrain",)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class ModelConfig:
+    spec: str = "tiny-t2v"  # registry size used when the DiT starts from scratch
+    path: str | None = None  # Wan-style folder with DiT weights (the teacher / the model to fine-tune)
+    components_path: str | None = None  # folder providing VAE/codec, text and image encoders (default: path)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes: the procedural world (renders videos on the fly)
+    num_frames: int = 17
+    height: int = 64
+    width: int = 64
+    cfg_dropout: float = 0.1  # probability of replacing the prompt by "" (classifier-free guidance training)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+
+
+@dataclass
+class PretrainConfig:
+    timestep_shift: float = 3.0  # u ~ U(0,1), s = shift*u / (1 + (shift-1) u): more steps at high noise
+    ema_decay: float = 0.999
+    ema_start: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+    resume: str = "auto"  # auto: continue from the latest checkpoint in run_dir; never: start fresh; or a path
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    wandb_mode: str = "disabled"  # disabled | offline | online (online only when WANDB_API_KEY is set)
+    wandb_project: str = "stepdistill"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    sample_every: int = 0  # write sample videos every N steps (0: only at the end)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_seed: int = 0
+    sample_steps: int = 20
+    sample_guide_scale: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    task: str = "pretrain"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    output_model: str | None = None  # Wan-style folder written at the end (default: <run_dir>/model)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
+        _choice("data.source", self.data.source, ("shapes",))
+        for key in ("max_steps", "batch_size", "grad_accum", "checkpoint.every", "checkpoint.keep"):
+            value = _get(self, key)
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.data.cfg_dropout < 1:
+            raise ValueError(f"data.cfg_dropout must be in [0, 1), got {self.data.cfg_dropout}")
+        if (self.data.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames must be 4n+1, got {self.data.num_frames}")
+        if self.data.height % 16 or self.data.width % 16:
+            raise ValueError(f"data.height/width must be multiples of 16, got {self.data.height}x{self.data.width}")
+        if self.pretrain.timestep_shift <= 0:
+            raise ValueError("pretrain.timestep_shift must be > 0")
+        if self.model.path is None and self.model.components_path is None:
+            raise ValueError("set model.path (a Wan-style folder) or model.components_path (VAE/text encoders "
+                             "for a DiT trained from scratch)")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- `key=value` overrides; returns a validated `TrainConfig` object."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"training config not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        # e.g. "Key 'lrr' not in 'OptimConfig'" or "Value 'abc' could not be converted to Integer"
+        raise ValueError(f"invalid training config: {e}".split("\n    full_key")[0]) from e
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    cfg.validate()
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

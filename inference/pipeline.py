@@ -1,0 +1,197 @@
+"""The T2V / I2V generation pipeline shared by `infer.py`, the server, the web UI and the trainer's samples.
+
+One call of `generate` runs: text encoding (cached per prompt; the negative prompt only when CFG is on) ->
+I2V conditioning (CLIP features and y = [mask, VAE latent of (image, zeros)], as in Wan) -> the sampler over
+the scheduler's steps with CFG as one batched forward -> VAE decode -> uint8 frames [B, F, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from inference.config import InferConfig, check_video_size
+from inference.sampling import sample
+from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
+
+
+def make_scheduler(cfg: InferConfig):
+    """The scheduler the config asks for: the few-step distill one when `denoising_step_list` is set."""
+    if cfg.is_distill:
+        return DistillScheduler(cfg.denoising_step_list, shift=cfg.sample_shift, mode=cfg.distill_update)
+    if cfg.sample_solver == "euler":
+        return FlowEulerScheduler(shift=cfg.sample_shift)
+    return FlowUniPCScheduler(shift=cfg.sample_shift)
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> Tensor:
+    """Noise [B, *shape] where sample i depends only on seeds[i] (reproducible whatever the batch)."""
+    out = [torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(out).to(device)
+
+
+def to_uint8(video: Tensor) -> np.ndarray:
+    """[B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def image_to_tensor(image: np.ndarray | Tensor) -> Tensor:
+    """uint8 [H, W, 3] (or float [3, H, W] in [-1, 1]) -> float [3, H, W] in [-1, 1]."""
+    if isinstance(image, Tensor) and image.is_floating_point():
+        return image.float()
+    arr = torch.as_tensor(np.asarray(image))
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3] uint8 RGB, got shape {tuple(arr.shape)}")
+    return arr.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def image_condition(vae, image_encoder, images: Tensor, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+    """Wan's I2V conditioning for images [B, 3, H, W] in [-1, 1] and a latent shape (z, f, h, w).
+
+    Returns CLIP features [B, N, clip_dim] and y [B, 4 + z, f, h, w] = concat(mask, VAE latent of
+    [image, zeros...]) where the mask is 1 on latent frame 0 (the given image) and 0 on the frames to generate.
+    """
+    z, f, h, w = shape
+    s = vae.spatial_stride
+    frames = (f - 1) * vae.temporal_stride + 1
+    img = F.interpolate(images.float(), size=(h * s, w * s), mode="bicubic", align_corners=False).clamp(-1, 1)
+    clip_fea = image_encoder.encode(images)
+    video = torch.zeros(img.shape[0], 3, frames, h * s, w * s, device=img.device)
+    video[:, :, 0] = img
+    latent = vae.encode(video).float()
+    mask = torch.zeros(img.shape[0], 4, f, h, w, device=latent.device)
+    mask[:, :, 0] = 1.0
+    return clip_fea, torch.cat([mask, latent], dim=1)
+
+
+@dataclass
+class Timings:
+    """Wall time per stage (seconds) and the number of DiT evaluations of the last call."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    nfe: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+
+class WanPipeline:
+    """Holds the networks once; `generate` may be called many times with per-call overrides."""
+
+    def __init__(self, cfg: InferConfig, dit, vae, text_encoder, image_encoder=None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.cfg, self.dit, self.vae = cfg, dit, vae
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+        self.device, self.dtype = torch.device(device), dtype
+        self.timings = Timings()
+        if cfg.task == "i2v" and image_encoder is None:
+            raise ValueError("task i2v needs an image encoder (CLIP) in the model folder")
+
+    # ---- conditioning -------------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> context [B, L, text_dim] zero-padded to the DiT's text_len (rows beyond a prompt are 0)."""
+        embs = self.text_encoder.encode(list(prompts))
+        text_len = self.dit.text_len
+        ctx = torch.zeros(len(embs), text_len, embs[0].shape[-1])
+        for i, e in enumerate(embs):
+            ctx[i, : min(len(e), text_len)] = e[:text_len]
+        return ctx.to(self.device, self.dtype)
+
+    def latent_size(self, cfg: InferConfig, image: Tensor | None) -> tuple[int, int, int, int]:
+        """(z, f, h, w) of the latent. I2V follows the image's aspect ratio at the target area, as Wan does."""
+        if image is None:
+            return self.vae.latent_shape(cfg.target_video_length, cfg.target_height, cfg.target_width)
+        s, patch = self.vae.spatial_stride, 2
+        h, w = image.shape[-2:]
+        area = cfg.target_height * cfg.target_width
+        lat_h = round(np.sqrt(area * h / w) // s // patch * patch)
+        lat_w = round(np.sqrt(area * w / h) // s // patch * patch)
+        return self.vae.latent_shape(cfg.target_video_length, lat_h * s, lat_w * s)
+
+    def encode_image(self, images: Tensor, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+        clip_fea, y = image_condition(self.vae, self.image_encoder, images.to(self.device), shape)
+        return clip_fea.to(self.dtype), y.to(self.dtype)
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guide: float, clip_fea: Tensor | None,
+                      y: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """v(x, t) for the sampler. CFG is one batched forward of [cond; uncond]: uncond + w (cond - uncond)."""
+        if uncond is not None:
+            context = torch.cat([cond, uncond])
+            clip_fea = None if clip_fea is None else torch.cat([clip_fea, clip_fea])
+            y = None if y is None else torch.cat([y, y])
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            self.timings.nfe += x.shape[0] * (2 if uncond is not None else 1)
+            if uncond is None:
+                return self.dit(x.to(self.dtype), t, cond, clip_fea=clip_fea, y=y)
+            v = self.dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), context, clip_fea=clip_fea, y=y)
+            v_cond, v_uncond = v.chunk(2)
+            return v_uncond + guide * (v_cond - v_uncond)
+
+        return denoise
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], seed: int | None = None, image=None,
+                 negative_prompt: str | None = None, callback: Callable[[int, int], None] | None = None,
+                 cancel: Callable[[], bool] | None = None, **overrides) -> np.ndarray:
+        """Generate one video per prompt; video i uses seed + i. Returns uint8 [B, F, H, W, 3].
+
+        `overrides` are InferConfig fields for this call only (infer_steps, sample_shift, sample_guide_scale,
+        enable_cfg, target_video_length, target_height, target_width, denoising_step_list, ...).
+        `image` (I2V) is one uint8 [H, W, 3] array (shared) or a list of them (one per prompt).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("prompts must be non-empty strings")
+        cfg = self.cfg.replace(**overrides) if overrides else self.cfg
+        check_video_size(cfg.target_video_length, cfg.target_height, cfg.target_width)
+        seed = cfg.seed if seed is None else seed
+        images = self._images(cfg, image, len(prompts))
+        self.timings = Timings()
+
+        t0 = time.perf_counter()
+        use_cfg = cfg.enable_cfg and cfg.sample_guide_scale != 1.0
+        cond = self.encode_text(prompts)
+        neg = negative_prompt if negative_prompt is not None else cfg.sample_neg_prompt
+        uncond = self.encode_text([neg] * len(prompts)) if use_cfg else None
+        self.timings.add("text_encoder", time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        shape = self.latent_size(cfg, images)
+        clip_fea = y = None
+        if images is not None:
+            clip_fea, y = self.encode_image(images, shape)
+        self.timings.add("image_encoder", time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        scheduler = make_scheduler(cfg)
+        scheduler.set_timesteps(None if cfg.is_distill else cfg.infer_steps)
+        noise = seeded_noise(shape, [seed + i for i in range(len(prompts))], self.device)
+        gen = torch.Generator("cpu").manual_seed(seed)  # fresh noise for the lcm update, reproducible
+        denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y)
+        latent = sample(denoise, noise, scheduler, generator=gen, callback=callback, cancel=cancel)
+        self.timings.add("dit", time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        video = self.vae.decode(latent.float())
+        out = to_uint8(video)
+        self.timings.add("vae_decode", time.perf_counter() - t0)
+        return out
+
+    def _images(self, cfg: InferConfig, image, n: int) -> Tensor | None:
+        if cfg.task != "i2v":
+            return None
+        if image is None:
+            raise ValueError("task i2v needs an image (--image_path / image=)")
+        imgs = list(image) if isinstance(image, list | tuple) else [image] * n
+        if len(imgs) != n:
+            raise ValueError(f"got {len(imgs)} images for {n} prompts")
+        return torch.stack([image_to_tensor(im) for im in imgs])

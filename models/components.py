@@ -1,0 +1,166 @@
+"""Build the four components of a Wan model from a folder (real or tiny) or from a registry spec.
+
+`load_model_folder(path, ...)` reads config.json / components.json, builds every network on the `meta` device
+and assigns the tensors read from disk (no double copy), then casts to the requested dtype and device.
+`save_components(...)` writes the non-DiT components of a tiny folder (with its `components.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.clip import CLIPImageEncoder
+from models.codec import PCACodec
+from models.loading import (
+    COMPONENTS,
+    DIT_CONFIG,
+    check_keys,
+    find_dit_weights,
+    load_into,
+    read_components,
+    read_json,
+    read_sharded,
+    read_state_dict,
+    write_safetensors,
+)
+from models.t5 import ByteTokenizer, HFTokenizer, TextEncoder, UMT5Encoder
+from models.wan_model import WanModel
+
+
+@dataclass
+class Components:
+    dit: WanModel | None
+    vae: nn.Module
+    text_encoder: TextEncoder
+    image_encoder: CLIPImageEncoder | None
+    table: dict[str, dict[str, Any]]  # the components.json entries they came from
+
+
+def _on_meta(cls, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return cls(**kwargs)
+
+
+def build_dit(config: dict[str, Any], device: str | torch.device = "cpu") -> WanModel:
+    """A DiT from official config.json fields; on `meta` for loading, or initialised for training."""
+    with torch.device(device):
+        return WanModel.from_config(config)
+
+
+def load_dit(folder: str | Path, distill: bool = False, explicit: str | None = None,
+             dtype: torch.dtype | None = None) -> WanModel:
+    """DiT of a Wan folder: config.json + base weights, distill_models/ weights, or an explicit checkpoint."""
+    folder = Path(folder)
+    config = read_json(folder / DIT_CONFIG)
+    src = find_dit_weights(folder, distill, explicit)
+    state = read_sharded(folder, dtype=dtype) if src.kind == "base" else read_state_dict(src.path, dtype)
+    model = load_into(build_dit(config, "meta"), state, f"DiT weights {src.path}")
+    model.weights_source = str(src.path)
+    return model
+
+
+def _build_vae(entry: dict[str, Any], folder: Path) -> nn.Module:
+    kind, path = entry["type"], folder / entry["file"]
+    if kind == "pca_codec":
+        return PCACodec.load(path)
+    if kind == "wan_vae":
+        from models.vae import WanVAE  # imported here: tiny folders never need it
+
+        vae = WanVAE(**entry.get("config", {}))
+        state = read_state_dict(path)
+        check_keys(vae, state, f"VAE {path}")
+        vae.load_state_dict(state)
+        return vae
+    raise ValueError(f"unknown vae type {kind!r} in {folder / COMPONENTS}; expected pca_codec or wan_vae")
+
+
+def _build_text_encoder(entry: dict, tok_entry: dict, folder: Path, text_len: int) -> TextEncoder:
+    if entry["type"] != "umt5":
+        raise ValueError(f"unknown text_encoder type {entry['type']!r}; expected umt5")
+    model = _on_meta(UMT5Encoder, **entry.get("config", {}))
+    path = folder / entry["file"]
+    load_into(model, read_state_dict(path, torch.float32), f"text encoder {path}")
+    model.eval().requires_grad_(False)
+    if tok_entry["type"] == "byte":
+        tokenizer = ByteTokenizer()
+    elif tok_entry["type"] == "hf":
+        tokenizer = HFTokenizer(folder / tok_entry["path"])
+    else:
+        raise ValueError(f"unknown tokenizer type {tok_entry['type']!r}; expected byte or hf")
+    return TextEncoder(model, tokenizer, text_len=text_len)
+
+
+def _build_image_encoder(entry: dict, folder: Path) -> CLIPImageEncoder:
+    if entry["type"] != "clip":
+        raise ValueError(f"unknown image_encoder type {entry['type']!r}; expected clip")
+    model = _on_meta(CLIPImageEncoder, **entry.get("config", {}))
+    path = folder / entry["file"]
+    state = {k: v for k, v in read_state_dict(path, torch.float32).items() if k.startswith("visual.")}
+    load_into(model, state, f"image encoder {path}")
+    return model.eval().requires_grad_(False)
+
+
+def load_encoders(folder: str | Path, task: str, text_len: int) -> tuple[nn.Module, TextEncoder, nn.Module | None]:
+    """VAE (or codec), text encoder and, for I2V, the CLIP image encoder of a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    table = read_components(folder)
+    vae = _build_vae(table["vae"], folder).eval().requires_grad_(False)
+    text = _build_text_encoder(table["text_encoder"], table["tokenizer"], folder, text_len)
+    image = _build_image_encoder(table["image_encoder"], folder) if task == "i2v" else None
+    return vae, text, image
+
+
+def load_model_folder(folder: str | Path, task: str, distill: bool = False, dit_ckpt: str | None = None,
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Components:
+    """All components of a Wan-style folder; the DiT in `dtype` on `device`, encoders in fp32."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    dit = load_dit(folder, distill, dit_ckpt, dtype).to(device).eval().requires_grad_(False)
+    if (task == "i2v") != (dit.model_type in ("i2v", "flf2v")):
+        raise ValueError(f"task {task!r} does not match the DiT in {folder} (model_type {dit.model_type!r})")
+    vae, text, image = load_encoders(folder, task, dit.text_len)
+    return Components(dit, vae.to(device), text.to(device), None if image is None else image.to(device),
+                      read_components(folder))
+
+
+def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder, image_model: nn.Module | None,
+                    tokenizer: str = "byte") -> Path:
+    """Write a tiny folder's non-DiT components + components.json (safetensors, fp32)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table: dict[str, Any] = {}
+    if isinstance(vae, PCACodec):
+        vae.save(folder / "codec.safetensors")
+        table["vae"] = {"type": "pca_codec", "file": "codec.safetensors"}
+    else:
+        write_safetensors(vae.state_dict(), folder / "vae.safetensors")
+        table["vae"] = {"type": "wan_vae", "file": "vae.safetensors", "config": vae.config}
+    write_safetensors(text_model.state_dict(), folder / "text_encoder.safetensors")
+    table["text_encoder"] = {"type": "umt5", "file": "text_encoder.safetensors", "config": text_model.config}
+    table["tokenizer"] = {"type": tokenizer}
+    if image_model is not None:
+        write_safetensors(image_model.state_dict(), folder / "image_encoder.safetensors")
+        table["image_encoder"] = {"type": "clip", "file": "image_encoder.safetensors", "config": image_model.config}
+    (folder / COMPONENTS).write_text(json.dumps(table, indent=2) + "\n")
+    return folder
+
+
+def copy_components(src: str | Path, dst: str | Path) -> None:
+    """Copy the non-DiT files of a tiny folder (components.json and the files it names)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    table = read_json(src / COMPONENTS)
+    shutil.copy2(src / COMPONENTS, dst / COMPONENTS)
+    for entry in table.values():
+        if "file" in entry:
+            shutil.copy2(src / entry["file"], dst / entry["file"])

@@ -1,0 +1,459 @@
+"""The Wan2.1 diffusion transformer (DiT), key-compatible with the official checkpoints.
+
+Architecture and key names: /work/shared/docs/wan21.md ("DiT"). One forward, for a batch of B videos on the
+same latent grid (F, H, W), patch (pt, ph, pw), D = dim, L = (F/pt)(H/ph)(W/pw) tokens:
+
+    tokens  = patch_embedding([x; y])                        [B, L, D]   (y: I2V mask + image latent)
+    e       = time_embedding(sinusoid(t))                    [B, D]      fp32
+    e0      = time_projection(e)                             [B, 6, D]   fp32
+    context = [img_emb(clip_fea); text_embedding(pad(ctx))]  [B, Limg + text_len, D]
+    per block (shift/scale/gate = modulation + e0):
+        x += gate_sa * SelfAttn(norm1(x) (1 + scale_sa) + shift_sa)     with 3D RoPE on q, k
+        x += CrossAttn(norm3(x), context)
+        x += gate_ff * FFN(norm2(x) (1 + scale_ff) + shift_ff)
+    v       = unpatchify(head(norm(x) (1 + scale) + shift)), (shift, scale) = head.modulation + e
+
+Precision follows Wan: the residual stream, the time embedding, the modulation, the norms and the head run in
+fp32 (with autocast switched off); the linears of attention / FFN / text / image embedding run in the dtype of
+`patch_embedding.weight` (the "compute dtype", e.g. bf16). The network knows nothing about diffusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import attention
+
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each [L, 1, head_dim / 2] fp32
+
+REQUIRED = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads",
+            "num_layers")
+OPTIONAL = ("patch_size", "text_dim", "qk_norm", "cross_attn_norm", "eps", "clip_dim")
+IGNORED = ("_class_name", "_diffusers_version", "__name__")
+MODEL_TYPES = ("t2v", "i2v", "flf2v")
+CLIP_TOKENS = 257  # tokens of one CLIP image (1 + 16 x 16 patches); FLF2V uses two images
+_ROPE_CACHE_SIZE = 8
+
+
+# ---- small numerical pieces ----------------------------------------------------------------------
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Context that switches autocast off on `device` (so fp32 sections stay fp32 inside a bf16 autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
+    """Timestep embedding [cos(t w_j), sin(t w_j)], w_j = 10000^(-j / (dim/2)), computed in fp64.
+
+    t: [B] -> [B, dim] fp32 (cos half first, as Wan's `sinusoidal_embedding_1d`).
+    """
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(pos, freqs)  # [B, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Real channels of head_dim for the (t, h, w) axes: d - 4(d//6), 2(d//6), 2(d//6); 128 -> 44, 42, 42."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> Rope:
+    """3D RoPE angles for a (F, H, W) token grid, tokens ordered f, h, w (w fastest).
+
+    Channel pairs (2i, 2i+1) are complex numbers; the pairs are split over the axes (rope_split). On an axis
+    with m real channels, pair j rotates by angle = index * 10000^(-2j / m).
+    Returns (cos, sin), each [L, 1, head_dim / 2] fp32.
+    """
+    angles = []
+    for axis, (m, n) in enumerate(zip(rope_split(head_dim), grid, strict=True)):
+        freqs = torch.pow(10000.0, -torch.arange(0, m, 2, dtype=torch.float64, device=device).div(m))
+        a = torch.outer(torch.arange(n, dtype=torch.float64, device=device), freqs)  # [n, m/2]
+        shape = [1, 1, 1, m // 2]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, m // 2))
+    theta = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)  # [L, 1, d/2]
+    return theta.cos().float(), theta.sin().float()
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate channel pairs (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos) in fp32; x: [B, L, H, D]."""
+    cos, sin = rope
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _fp32_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """Run a Linear/activation Sequential in fp32 whatever the parameter dtype (Wan's time embedding)."""
+    for layer in mlp:
+        is_linear = isinstance(layer, nn.Linear)
+        x = F.linear(x, layer.weight.float(), layer.bias.float()) if is_linear else layer(x)
+    return x
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (all heads together): x / sqrt(mean(x^2) + eps) * weight; fp32 normalise."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32; returns fp32 (Wan's `WanLayerNorm`, affine optional)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        with no_autocast(x.device):
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+class WanSelfAttention(nn.Module):
+    """q, k, v, o: Linear(D, D); RMSNorm on q and k over all of D; 3D RoPE on q, k; scale 1/sqrt(head_dim)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: Tensor) -> Tensor:
+        """[B, L, D] -> [B, L, H, head_dim]."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        """x: [B, L, D] (compute dtype) -> [B, L, D]."""
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), rope)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), rope)
+        return self.o(attention(q, k, self.heads(self.v(x))).flatten(2))
+
+
+class WanCrossAttention(WanSelfAttention):
+    """Attention from the video tokens to the context (no RoPE).
+
+    I2V adds k_img, v_img, norm_k_img: the first `img_len` context tokens (CLIP) get their own keys/values,
+    the two attentions share q and their outputs are summed before o:
+    o(Attn(q, k, v) + Attn(q, k_img, v_img)).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
+                 image: bool = False) -> None:
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.image = image
+        if image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor, img_len: int = 0) -> Tensor:
+        """x: [B, L, D], context: [B, img_len + text_len, D] -> [B, L, D]."""
+        q = self.heads(self.norm_q(self.q(x)))
+        text = context[:, img_len:]
+        out = attention(q, self.heads(self.norm_k(self.k(text))), self.heads(self.v(text)))
+        if self.image:
+            img = context[:, :img_len]
+            k_img = self.heads(self.norm_k_img(self.k_img(img)))
+            out = out + attention(q, k_img, self.heads(self.v_img(img)))
+        return self.o(out.flatten(2))
+
+
+# ---- blocks --------------------------------------------------------------------------------------
+class WanAttentionBlock(nn.Module):
+    """One DiT block (wan21.md step 6). Keys: modulation, norm3, self_attn.*, cross_attn.*, ffn.{0,2}."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, image: bool, qk_norm: bool = True,
+                 cross_attn_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, num_heads, qk_norm, eps)
+        self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, num_heads, qk_norm, eps, image=image)
+        self.norm2 = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, img_len: int, rope: Rope) -> Tensor:
+        """x: [B, L, D] fp32 residual stream; e0: [B, 6, D] fp32; context: [B, Lc, D] in the compute dtype."""
+        dtype = context.dtype
+        with no_autocast(x.device):
+            m = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, D]
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = m
+            h = (self.norm1(x) * (1 + scale_sa) + shift_sa).to(dtype)
+        x = x + gate_sa * self.self_attn(h, rope).float()
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, img_len).float()
+        with no_autocast(x.device):
+            h = (self.norm2(x) * (1 + scale_ff) + shift_ff).to(dtype)
+        return x + gate_ff * self.ffn(h).float()
+
+
+class Head(nn.Module):
+    """Output layer in fp32: head(norm(x) (1 + scale) + shift), (shift, scale) = modulation [1, 2, D] + e."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: Sequence[int], eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x: [B, L, D] fp32, e: [B, D] fp32 -> [B, L, out_dim * prod(patch)] fp32."""
+        with no_autocast(x.device):
+            shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, D] each
+            h = self.norm(x) * (1 + scale) + shift
+            return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+
+class MLPProj(nn.Module):
+    """CLIP features -> context tokens: LayerNorm, Linear, GELU, Linear, LayerNorm (`img_emb.proj.{0,1,3,4}`).
+
+    FLF2V adds `emb_pos` [1, 2*257, clip_dim], a learnt position for the first-frame and last-frame tokens.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, flf_pos_emb: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(LayerNorm32(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), LayerNorm32(out_dim))
+        if flf_pos_emb:
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, in_dim))
+
+    def forward(self, clip_fea: Tensor, dtype: torch.dtype) -> Tensor:
+        """clip_fea: [B, N, clip_dim] -> [B, N, dim] in `dtype` (norms in fp32, linears in `dtype`)."""
+        if hasattr(self, "emb_pos"):
+            clip_fea = clip_fea.float() + self.emb_pos.float()
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        h = fc2(act(fc1(norm_in(clip_fea).to(dtype))))
+        return norm_out(h).to(dtype)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+class WanModel(nn.Module):
+    """Wan2.1 DiT for T2V (`model_type='t2v'`), I2V ('i2v') and first-last-frame I2V ('flf2v').
+
+    state_dict keys and shapes equal the official checkpoint's (no prefix, RoPE tables are not stored).
+    Set `gradient_checkpointing = True` to recompute each block in backward (torch.utils.checkpoint).
+    """
+
+    def __init__(self, *, model_type: str, text_len: int, in_dim: int, dim: int, ffn_dim: int, freq_dim: int,
+                 out_dim: int, num_heads: int, num_layers: int, patch_size: Sequence[int] = (1, 2, 2),
+                 text_dim: int = 4096, qk_norm: bool = True, cross_attn_norm: bool = True, eps: float = 1e-6,
+                 clip_dim: int = 1280) -> None:
+        super().__init__()
+        _check_args(model_type, dim, num_heads, patch_size, freq_dim)
+        self.model_type, self.patch_size = model_type, tuple(int(p) for p in patch_size)
+        self.text_len, self.in_dim, self.dim, self.ffn_dim = text_len, in_dim, dim, ffn_dim
+        self.freq_dim, self.text_dim, self.out_dim = freq_dim, text_dim, out_dim
+        self.num_heads, self.num_layers, self.head_dim = num_heads, num_layers, dim // num_heads
+        self.qk_norm, self.cross_attn_norm, self.eps, self.clip_dim = qk_norm, cross_attn_norm, eps, clip_dim
+        self.gradient_checkpointing = False
+        self._rope_cache: dict[tuple, Rope] = {}
+
+        image = model_type != "t2v"
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(
+            WanAttentionBlock(dim, ffn_dim, num_heads, image, qk_norm, cross_attn_norm, eps)
+            for _ in range(num_layers))
+        self.head = Head(dim, out_dim, self.patch_size, eps)
+        if image:
+            self.img_emb = MLPProj(clip_dim, dim, flf_pos_emb=model_type == "flf2v")
+        self.init_weights()
+
+    # ---- config ----------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments with official `config.json` names; round-trips through `from_config`."""
+        cfg = {k: getattr(self, k) for k in REQUIRED + OPTIONAL}
+        cfg["patch_size"] = list(self.patch_size)
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WanModel:
+        """Build from an official `config.json` dict (+ optional tiny-only fields text_dim, clip_dim, ...).
+
+        `_class_name`, `_diffusers_version`, `__name__` are ignored; unknown or missing keys raise ValueError.
+        """
+        unknown = sorted(set(config) - set(REQUIRED) - set(OPTIONAL) - set(IGNORED))
+        if unknown:
+            raise ValueError(f"unknown WanModel config keys {unknown}; allowed: {list(REQUIRED + OPTIONAL)}")
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise ValueError(f"WanModel config is missing {missing}")
+        return cls(**{k: v for k, v in config.items() if k not in IGNORED})
+
+    # ---- init ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (Wan's `init_weights`), complete so that it also fills a
+        model materialised from `meta` with `to_empty`: Linear xavier-uniform / bias 0, patch embedding
+        xavier-uniform over its flattened kernel, text/time MLP weights normal(0.02), head.head.weight 0,
+        modulations randn / sqrt(D), norms weight 1 / bias 0, FLF2V emb_pos 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm | RMSNorm) and getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            if isinstance(getattr(m, "modulation", None), nn.Parameter):
+                nn.init.normal_(m.modulation, std=self.dim**-0.5)
+        self.patch_embedding.reset_parameters()
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for mlp in (self.text_embedding, self.time_embedding):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        if hasattr(self, "img_emb") and hasattr(self.img_emb, "emb_pos"):
+            nn.init.zeros_(self.img_emb.emb_pos)
+
+    # ---- forward pieces --------------------------------------------------------------------------
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
+        """(cos, sin) for a token grid, computed once per (grid, device) and cached (not in state_dict)."""
+        key = (*grid, str(device))
+        if key not in self._rope_cache:
+            # normal (not inference) tensors, even if first built under inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                tables = rope_tables(self.head_dim, grid, device)
+            if len(self._rope_cache) >= _ROPE_CACHE_SIZE:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            self._rope_cache[key] = tables
+        return self._rope_cache[key]
+
+    def embed_time(self, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """t: [B] (or a scalar) in [0, 1000] -> e [B, D], e0 [B, 6, D], all fp32."""
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape [{batch}] (one timestep per sample), got {tuple(t.shape)}")
+        with no_autocast(t.device):
+            e = _fp32_mlp(self.time_embedding, sinusoidal_embedding(self.freq_dim, t))
+            e0 = _fp32_mlp(self.time_projection, e).unflatten(1, (6, self.dim))
+        return e, e0
+
+    def pad_context(self, context: Tensor | Sequence[Tensor], batch: int) -> Tensor:
+        """Context [B, L, text_dim] or a list of [L_i, text_dim] -> [B, text_len, text_dim], zero-padded."""
+        if not isinstance(context, Tensor):
+            if any(c.ndim != 2 for c in context):
+                raise ValueError("a context list must hold [L_i, text_dim] tensors")
+            context = nn.utils.rnn.pad_sequence(list(context), batch_first=True)
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.text_dim:
+            raise ValueError(f"context must be [{batch}, L <= {self.text_len}, {self.text_dim}], "
+                             f"got {tuple(context.shape)}")
+        if context.shape[1] > self.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.text_len}")
+        return F.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
+
+    def embed_context(self, context: Tensor | Sequence[Tensor], clip_fea: Tensor | None,
+                      batch: int) -> tuple[Tensor, int]:
+        """-> ([B, img_len + text_len, D] in the compute dtype, img_len); image tokens come first (I2V)."""
+        dtype = self.patch_embedding.weight.dtype
+        ctx = self.text_embedding(self.pad_context(context, batch).to(dtype))
+        if not hasattr(self, "img_emb"):
+            if clip_fea is not None:
+                raise ValueError("clip_fea was given to a t2v model")
+            return ctx, 0
+        if clip_fea is None:
+            raise ValueError(f"a {self.model_type} model needs clip_fea [B, 257, {self.clip_dim}]")
+        clip_fea = clip_fea.reshape(batch, -1, clip_fea.shape[-1])  # FLF2V: [2B, 257, C] -> [B, 514, C]
+        img = self.img_emb(clip_fea, dtype)
+        return torch.cat([img, ctx], dim=1), img.shape[1]
+
+    def patchify(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, tuple[int, int, int]]:
+        """x [B, C, F, H, W] (+ y [B, in_dim - C, F, H, W]) -> tokens [B, L, D] fp32, token grid (f, h, w)."""
+        if y is not None:
+            if self.model_type == "t2v":
+                raise ValueError("y (image condition) was given to a t2v model")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        elif self.model_type != "t2v":
+            raise ValueError(f"a {self.model_type} model needs y (mask + image latent)")
+        if x.ndim != 5 or x.shape[1] != self.in_dim:
+            raise ValueError(f"x (+ y) must be [B, {self.in_dim}, F, H, W], got {tuple(x.shape)}")
+        if any(s % p for s, p in zip(x.shape[2:], self.patch_size, strict=True)):
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by patch {self.patch_size}")
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, D, f, h, w]
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).float().contiguous(), grid
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, L, pt*ph*pw*C] (channel fastest) -> [B, C, F, H, W]."""
+        (f, h, w), (pt, ph, pw) = grid, self.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, f * pt, h * ph, w * pw)
+
+    def run_blocks(self, x: Tensor, e0: Tensor, context: Tensor, img_len: int, rope: Rope) -> Tensor:
+        """All blocks; each is checkpointed when `gradient_checkpointing` is set and grad is enabled."""
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, e0, context, img_len, rope, use_reentrant=False)
+            else:
+                x = block(x, e0, context, img_len, rope)
+        return x
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | Sequence[Tensor],
+                clip_fea: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        """Velocity prediction.
+
+        x: [B, out_dim, F, H, W] noisy latent; t: [B] float in [0, 1000];
+        context: [B, L, text_dim] (L <= text_len, zero-padded here) or a list of [L_i, text_dim];
+        I2V: clip_fea [B, 257, clip_dim] (FLF2V [B, 514, clip_dim] or [2B, 257, clip_dim])
+        and y [B, in_dim - out_dim, F, H, W] (mask + image latent).
+        Returns v [B, out_dim, F, H, W] fp32.
+        """
+        batch = x.shape[0]
+        tokens, grid = self.patchify(x, y)  # [B, L, D] fp32
+        e, e0 = self.embed_time(t, batch)  # [B, D], [B, 6, D]
+        ctx, img_len = self.embed_context(context, clip_fea, batch)  # [B, img_len + text_len, D]
+        tokens = self.run_blocks(tokens, e0, ctx, img_len, self.rope(grid, tokens.device))
+        return self.unpatchify(self.head(tokens, e), grid).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (of the patch embedding); time embedding, modulation, norms and head run in fp32."""
+        return self.patch_embedding.weight.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def block_names(self) -> Iterator[str]:
+        """Module names of the blocks, e.g. for FSDP wrapping or per-block offloading."""
+        return (f"blocks.{i}" for i in range(len(self.blocks)))
+
+
+def _check_args(model_type: str, dim: int, num_heads: int, patch_size: Sequence[int], freq_dim: int) -> None:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if dim % num_heads or (dim // num_heads) % 2:
+        raise ValueError(f"dim {dim} must split into {num_heads} heads of an even size")
+    if len(patch_size) != 3:
+        raise ValueError(f"patch_size must have 3 entries (t, h, w), got {patch_size}")
+    if freq_dim % 2:
+        raise ValueError(f"freq_dim must be even, got {freq_dim}")
