@@ -20,6 +20,10 @@ def trainer_for(cfg: TrainConfig):
         from distill.pretrain import PretrainTrainer
 
         return PretrainTrainer(cfg)
+    if cfg.task == "dmd":
+        from distill.dmd import DMDTrainer
+
+        return DMDTrainer(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "ode", "dmd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -24,12 +24,14 @@ class ModelConfig:
     spec: str = "tiny-t2v"  # registry size used when the DiT starts from scratch
     path: str | None = None  # Wan-style folder with DiT weights (the teacher / the model to fine-tune)
     components_path: str | None = None  # folder providing VAE/codec, text and image encoders (default: path)
+    generator_init: str | None = None  # dmd: initial generator weights (an ODE-init folder); default: the teacher
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes: the procedural world (renders videos on the fly)
+    source: str = "shapes"  # shapes: the procedural world (renders videos on the fly) | prompts
+    prompt_path: str | None = None  # prompts source (distill/prompts.py) when source = prompts
     num_frames: int = 17
     height: int = 64
     width: int = 64
@@ -51,6 +53,44 @@ class PretrainConfig:
     timestep_shift: float = 3.0  # u ~ U(0,1), s = shift*u / (1 + (shift-1) u): more steps at high noise
     ema_decay: float = 0.999
     ema_start: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """Student geometry, shared by the ode and dmd tasks and by inference (same warped timesteps)."""
+
+    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    sample_shift: float = 5.0  # sigma_j = shift(d_j / 1000)
+    negative_prompt: str | None = None  # uncond of the teacher's CFG; None = Wan's default negative prompt
+
+
+@dataclass
+class DMDConfig:
+    """Distribution Matching Distillation (dmd.md). Guidance uses the standard CFG convention (w = 1: none):
+    Self-Forcing's g = 3 is w = 4 here; Self-Forcing-Plus T2V g = 5 -> w = 6, I2V g = 6 -> w = 7."""
+
+    guidance_scale: float = 6.0
+    critic_shift: float = 5.0  # critic timestep: s = shift(u), t = 1000 s clamped to [t_min, t_max]
+    t_min: float = 20.0
+    t_max: float = 980.0
+    dfake_gen_update_ratio: int = 5  # generator updated every N iterations, critic every iteration
+    lr_critic: float = 4e-7  # the generator uses optim.lr
+    grad_clip_critic: float = 10.0
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    real_score_dtype: str = "fp32"  # fp32 | bf16 (frozen teacher; no optimizer state)
+
+
+@dataclass
+class ODEConfig:
+    """ODE-regression initialisation: teacher trajectories stored at the student's warped timesteps."""
+
+    trajectories: str = "runs/ode_trajectories"  # folder of safetensors shards (generated if missing)
+    num_trajectories: int = 256
+    teacher_steps: int = 50
+    guidance_scale: float = 5.0
+    teacher_shift: float = 3.0
+    shard_size: int = 32
 
 
 @dataclass
@@ -89,6 +129,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -96,7 +139,9 @@ class TrainConfig:
         _choice("task", self.task, TASKS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
-        _choice("data.source", self.data.source, ("shapes",))
+        _choice("data.source", self.data.source, ("shapes", "prompts"))
+        if self.data.source == "prompts" and (self.task == "pretrain" or not self.data.prompt_path):
+            raise ValueError("data.source=prompts needs data.prompt_path and a distillation task (ode/dmd)")
         for key in ("max_steps", "batch_size", "grad_accum", "checkpoint.every", "checkpoint.keep"):
             value = _get(self, key)
             if value < 1:
@@ -109,6 +154,17 @@ class TrainConfig:
             raise ValueError(f"data.height/width must be multiples of 16, got {self.data.height}x{self.data.width}")
         if self.pretrain.timestep_shift <= 0:
             raise ValueError("pretrain.timestep_shift must be > 0")
+        if self.task in ("ode", "dmd") and self.model.path is None:
+            raise ValueError(f"task {self.task} needs model.path: the teacher's Wan-style folder")
+        steps = self.distill.denoising_step_list
+        if any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
+            raise ValueError(f"distill.denoising_step_list must be strictly decreasing in (0, 1000], got {steps}")
+        if self.dmd.dfake_gen_update_ratio < 1:
+            raise ValueError("dmd.dfake_gen_update_ratio must be >= 1")
+        if not 0 <= self.dmd.t_min < self.dmd.t_max <= 1000:
+            raise ValueError(f"dmd.t_min/t_max must satisfy 0 <= t_min < t_max <= 1000, got "
+                             f"{self.dmd.t_min}/{self.dmd.t_max}")
+        _choice("dmd.real_score_dtype", self.dmd.real_score_dtype, ("fp32", "bf16"))
         if self.model.path is None and self.model.components_path is None:
             raise ValueError("set model.path (a Wan-style folder) or model.components_path (VAE/text encoders "
                              "for a DiT trained from scratch)")

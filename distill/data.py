@@ -66,6 +66,43 @@ class ShapesBatches:
         return x0, cond, list(prompts)
 
 
+class PromptBatches:
+    """Conditioning-only batches for distillation: prompts (and, for I2V, first frames of the shapes world).
+
+    Prompt i of (step, micro, rank) is drawn from `prompts` with a generator seeded by those numbers, so the
+    data position is the step counter (exact resume) and ranks see different prompts.
+    """
+
+    def __init__(self, prompts: Sequence[str], text: TextCache, negative: str, seed: int, rank: int = 0,
+                 world_size: int = 1, vae=None, image_encoder=None, world: ShapesWorld | None = None) -> None:
+        self.prompts, self.text, self.negative = list(prompts), text, negative
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.vae, self.image_encoder, self.world = vae, image_encoder, world
+        if image_encoder is not None and world is None:
+            raise ValueError("I2V distillation needs conditioning images: use data.source=shapes")
+
+    @torch.no_grad()
+    def get(self, step: int, micro: int, accum: int, batch: int,
+            latent_shape: tuple[int, int, int, int]) -> tuple[Cond, Cond, list[str]]:
+        """(cond, uncond, prompts) for a batch; uncond uses the negative prompt and shares I2V inputs."""
+        index = ((step * accum + micro) * self.world_size + self.rank) * batch
+        rng = np.random.default_rng([self.seed, index])
+        seeds = [self.seed * 1_000_003 + index + i for i in range(batch)]
+        if self.world is not None:  # shapes: prompts (and images) from the world's own sampler
+            samples = [self.world.sample(s) for s in seeds]
+            prompts = [p for p, _ in samples]
+        else:
+            prompts = [self.prompts[i] for i in rng.integers(len(self.prompts), size=batch)]
+        cond = Cond(self.text(prompts))
+        uncond = Cond(self.text([self.negative] * batch))
+        if self.image_encoder is not None:
+            images = torch.from_numpy(np.stack([v[0] for _, v in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            clip_fea, y = image_condition(self.vae, self.image_encoder, images, latent_shape)
+            cond.clip_fea = uncond.clip_fea = clip_fea
+            cond.y = uncond.y = y
+        return cond, uncond, prompts
+
+
 def all_prompts() -> list[str]:
     """The world's 96 prompts plus "" (the unconditional prompt for CFG dropout)."""
     return list(PROMPTS) + [""]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from inference.flow import add_noise, shift_sigma, v_from_x0_eps
+from inference.flow import add_noise, shift_sigma, v_from_x0_eps, x0_from_v
 
 
 @dataclass
@@ -47,3 +47,70 @@ def flow_matching_loss(net, x0: Tensor, cond: Cond, shift: float,
     x_s = add_noise(x0, eps, s)
     v = cond(net, x_s, 1000.0 * s)
     return (v.float() - v_from_x0_eps(x0, eps).float()).pow(2).mean()
+
+
+def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """Critic timestep (dmd.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to [t_min, t_max]. [B]."""
+    return sample_sigmas(batch, shift, generator, device).clamp(t_min / 1000.0, t_max / 1000.0)
+
+
+def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
+    """x0 of a CFG-guided prediction, standard convention: v = v_u + w (v_c - v_u), one batched forward.
+
+    w = guidance (1 = no guidance). x_t [B, C, F, H, W], s [B]. I2V conditioning (y, clip_fea) is shared.
+    """
+    t = 1000.0 * s
+    if uncond is None or guidance == 1.0:
+        v = cond(net, x_t, t).float()
+    else:
+        both = Cond(torch.cat([cond.context, uncond.context]),
+                    None if cond.clip_fea is None else torch.cat([cond.clip_fea, cond.clip_fea]),
+                    None if cond.y is None else torch.cat([cond.y, cond.y]))
+        v_c, v_u = both(net, torch.cat([x_t, x_t]), torch.cat([t, t])).float().chunk(2)
+        v = v_u + guidance * (v_c - v_u)
+    return x0_from_v(x_t.float(), v, s)
+
+
+def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
+             t_min: float = 20.0, t_max: float = 980.0,
+             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), dmd.md steps 2-4.
+
+        x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
+        real = x0 of the teacher with CFG w, fake = x0 of the critic (conditional only)
+        grad = (fake - real) / mean_{C,F,H,W} |x - real|   (one normaliser per sample)
+        loss = 0.5 * mean((x - stopgrad(x - grad))^2)      => d loss / d x = grad / N
+
+    so descent moves x towards the teacher's guided distribution and away from the generator's own.
+    """
+    b = x.shape[0]
+    with torch.no_grad():
+        s = critic_sigmas(b, shift, t_min, t_max, generator, x.device)
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        x_t = add_noise(x.detach().float(), eps, s)
+        real = guided_x0(real_score, x_t, s, cond, uncond, guidance)
+        fake = guided_x0(fake_score, x_t, s, cond, None, 1.0)
+        norm = (x.detach().float() - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        grad = torch.nan_to_num((fake - real) / norm)
+    x64 = x.double()
+    loss = 0.5 * (x64 - (x64 - grad.double()).detach()).pow(2).mean()
+    return loss.float(), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt()), "critic_t": float(1000 * s.mean())}
+
+
+def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Critic (fake score) flow loss on generator samples x (no grad), dmd.md "Critic update":
+    mean((v_fake(x_t, t) - (eps - x))^2) with x_t = (1 - s) x + s eps and the critic's timestep sampling."""
+    x = x.detach().float()
+    s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device)
+    eps = torch.randn(x.shape, generator=generator).to(x.device)
+    v = cond(fake_score, add_noise(x, eps, s), 1000.0 * s)
+    return (v.float() - v_from_x0_eps(x, eps)).pow(2).mean()
+
+
+def ode_regression_loss(net, x_k: Tensor, s_k: Tensor, x0: Tensor, cond: Cond) -> Tensor:
+    """ODE initialisation (dmd.md): regress the generator's x0 prediction from a stored teacher state x_k at the
+    student's warped sigma s_k [B] onto the trajectory's clean endpoint x0: mean((x_k - s_k v - x0)^2)."""
+    v = cond(net, x_k, 1000.0 * s_k)
+    return (x0_from_v(x_k.float(), v.float(), s_k) - x0.float()).pow(2).mean()

@@ -51,7 +51,7 @@ class PretrainTrainer(Trainer):
         torch.manual_seed(cfg.seed)  # identical init on every rank
         dit = build_dit(spec.dit)
         if cfg.model.path is not None:
-            src = load_dit(cfg.model.path)
+            src = load_dit(cfg.model.path, dtype=torch.float32)
             if src.model_type == dit.model_type:
                 dit.load_state_dict(src.state_dict())
             elif dit.model_type == "i2v" and src.model_type == "t2v":

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from inference.flow import x0_from_v
+
 
 class Cancelled(Exception):
     """Raised by `sample` when its `cancel()` returns True; `.step` is the step that was not run."""
@@ -40,3 +42,26 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, scheduler,
         if callback is not None:
             callback(i + 1, n)
     return x
+
+
+def backward_simulation(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, scheduler, exit_step: int,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's rollout as trained by DMD (dmd.md "Generator update", step 1).
+
+    Runs the few-step `scheduler` from `noise` (at sigmas[0]) like `sample`, but stops at `exit_step`: steps
+    0..exit_step-1 run under no_grad (the scheduler's update; with mode "lcm" the re-noising uses fresh noise
+    from `generator`), and step `exit_step` runs with the caller's grad mode. Gradients therefore never flow
+    through earlier steps. Returns (x0 prediction of the exit step [B, ...], its input x [B, ...], its
+    timestep [B]).
+    """
+    n = scheduler.num_steps
+    if not 0 <= exit_step < n:
+        raise ValueError(f"exit_step must be in [0, {n}), got {exit_step}")
+    t_all = scheduler.timesteps.to(device=noise.device, dtype=torch.float32)[:, None].expand(n, noise.shape[0])
+    x = noise
+    with torch.no_grad():
+        for i in range(exit_step):
+            x = scheduler.step(denoise(x, t_all[i]), i, x, generator=generator)
+    t = t_all[exit_step].contiguous()
+    v = denoise(x, t)
+    return x0_from_v(x, v.float(), scheduler.sigmas[exit_step].item()), x, t

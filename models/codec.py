@@ -123,15 +123,14 @@ def tensor_to_videos(video: torch.Tensor) -> np.ndarray:
 
 
 def _pca(blocks: list[torch.Tensor], z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and the `z_dim` leading eigenvectors of the covariance (float64 accumulation, `eigh`)."""
+    """Mean and the `z_dim` leading eigenvectors of the block covariance (`eigh`)."""
     n = sum(b.shape[0] for b in blocks)
-    total = sum(b.double().sum(0) for b in blocks)
-    mean = total / n
-    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n
+    mean = (sum(b.double().sum(0) for b in blocks) / n).float()
+    cov = sum(((b - mean).T @ (b - mean)).double() for b in blocks) / n  # fp32 matmuls, fp64 sum
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     basis = evecs[:, evals.argsort(descending=True)[:z_dim]]
     basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0).to(basis)  # deterministic signs
-    return mean.float(), basis.float()
+    return mean, basis.float()
 
 
 @torch.no_grad()

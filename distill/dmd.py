@@ -1,0 +1,184 @@
+"""`dmd` task: Distribution Matching Distillation of a many-step CFG teacher into a few-step CFG-free student.
+
+Three networks (dmd.md): the generator G (trainable, starts from the teacher or an ODE-init checkpoint), the
+frozen teacher `real_score` (no grads, no optimizer state) and the critic `fake_score` (trainable, starts from
+the teacher). Each iteration trains the critic on G's samples; every `dfake_gen_update_ratio` iterations G
+takes a DMD step first. Both use the one-graded-exit-step backward simulation of inference/sampling.py over
+the student's warped `denoising_step_list`, so training and inference see the same timesteps.
+
+    accelerate launch train.py --config configs/tiny/t2v_dmd.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from data.shapes import PROMPTS, ShapesWorld
+from distill.data import PromptBatches, TextCache
+from distill.ema import EMA
+from distill.losses import Cond, critic_loss, dmd_loss
+from distill.prompts import load_prompts
+from distill.trainer import Trainer
+from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
+from inference.pipeline import WanPipeline
+from inference.sampling import backward_simulation
+from inference.schedulers import DistillScheduler
+from inference.video import save_video
+from models.components import copy_components, load_dit, load_encoders
+from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
+
+
+def seeded(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (same on every rank for the same key)."""
+    return torch.Generator().manual_seed(hash(tuple(int(k) for k in key)) % 2**63)
+
+
+class DMDTrainer(Trainer):
+    def build(self) -> None:
+        cfg = self.cfg
+        teacher = Path(cfg.model.path)
+        real = load_dit(teacher, dtype=torch.float32)
+        self.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
+        gen = load_dit(cfg.model.generator_init, dtype=torch.float32) if cfg.model.generator_init else copy.deepcopy(real)
+        critic = copy.deepcopy(real)
+        self.components_path = Path(cfg.model.components_path or teacher)
+        self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task,
+                                                                         real.text_len)
+        dtype = torch.bfloat16 if cfg.dmd.real_score_dtype == "bf16" else torch.float32
+        self.real_score = real.to(self.device, dtype).eval().requires_grad_(False)
+        for net in (gen, critic):
+            net.train().requires_grad_(True)
+            net.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
+        betas = tuple(cfg.optim.betas)
+        opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.dmd.lr_critic, betas=betas,
+                                  weight_decay=cfg.optim.weight_decay)
+        self.gen, self.critic, self.opt_g, self.opt_c = self.accelerator.prepare(gen, critic, opt_g, opt_c)
+        self.networks = {"generator": self.gen, "critic": self.critic}
+        self.optimizers = {"generator": self.opt_g, "critic": self.opt_c}
+        self.extra_state = {"ema": self.ema}
+        self.scheduler = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift, mode="lcm")
+        self.latent_shape = self.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        self.data = self._build_data(real.text_len)
+
+    def _build_data(self, text_len: int) -> PromptBatches:
+        cfg = self.cfg
+        negative = WAN_NEGATIVE_PROMPT if cfg.distill.negative_prompt is None else cfg.distill.negative_prompt
+        world = None
+        if cfg.data.source == "shapes":
+            prompts = list(PROMPTS)
+            world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        else:
+            prompts = load_prompts(cfg.data.prompt_path)
+        text = TextCache(self.text_encoder, prompts + [negative], text_len)
+        return PromptBatches(prompts, text, negative, cfg.data.seed, self.accelerator.process_index,
+                             self.accelerator.num_processes, self.vae, self.image_encoder, world)
+
+    # ---- one iteration ----------------------------------------------------------------------------------------
+    def _batch(self, step: int, micro: int, phase: int) -> tuple[Cond, Cond, torch.Tensor, torch.Generator]:
+        cfg, acc = self.cfg, self.accelerator
+        cond, uncond, _ = self.data.get(2 * step + phase, micro, cfg.grad_accum, cfg.batch_size, self.latent_shape)
+        rng = seeded(cfg.seed, step, phase, micro, acc.process_index)
+        noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=rng).to(self.device)
+        return cond.to(self.device), uncond.to(self.device), noise, rng
+
+    def exit_step(self, step: int, phase: int) -> int:
+        """The graded exit step, drawn from (seed, step) only: identical on every rank without communication."""
+        return int(torch.randint(self.scheduler.num_steps, (1,), generator=seeded(self.cfg.seed, step, phase, 7)))
+
+    def generator_step(self, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        k = self.exit_step(step, 0)
+        logs: dict[str, float] = {"exit_step": float(k)}
+        for micro in range(cfg.grad_accum):
+            cond, uncond, noise, rng = self._batch(step, micro, 0)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.gen):
+                with acc.autocast():
+                    x, _, _ = backward_simulation(lambda x, t: cond(self.gen, x, t), noise, self.scheduler, k, rng)
+                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guidance_scale,
+                                       cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
+                if not self.check_finite(loss.detach(), "generator DMD"):
+                    self.opt_g.zero_grad(set_to_none=True)
+                    return {"generator_skipped": 1.0}
+                acc.backward(loss / cfg.grad_accum)
+            logs.update(m)
+            logs["generator_loss"] = logs.get("generator_loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+        logs["generator_grad_norm"] = self.clip_and_step("generator", cfg.optim.grad_clip)
+        self.ema.update(self.unwrap(self.gen), step)
+        return logs
+
+    def critic_step(self, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        k = self.exit_step(step, 1)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            cond, _, noise, rng = self._batch(step, micro, 1)
+            with torch.no_grad(), acc.autocast():
+                x, _, _ = backward_simulation(lambda x, t: cond(self.gen, x, t), noise, self.scheduler, k, rng)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.critic):
+                with acc.autocast():
+                    loss = critic_loss(self.critic, x, cond, cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
+                if not self.check_finite(loss.detach(), "critic"):
+                    self.opt_c.zero_grad(set_to_none=True)
+                    return {"critic_skipped": 1.0}
+                acc.backward(loss / cfg.grad_accum)
+            total += float(loss.detach()) / cfg.grad_accum
+        return {"critic_loss": total, "critic_grad_norm": self.clip_and_step("critic", cfg.dmd.grad_clip_critic)}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.lr_at(step, self.cfg.optim.lr)
+        logs: dict[str, float] = {}
+        if step % self.cfg.dmd.dfake_gen_update_ratio == 0:
+            logs.update(self.generator_step(step))
+        logs.update(self.critic_step(step))
+        logs["lr_generator"] = self.opt_g.param_groups[0]["lr"]
+        logs["lr_critic"] = self.opt_c.param_groups[0]["lr"]
+        return logs
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    def student(self, ema: bool = True):
+        model = copy.deepcopy(self.unwrap(self.gen)).eval().requires_grad_(False)
+        if ema:
+            self.ema.copy_to(model)
+        return model
+
+    def infer_config(self) -> InferConfig:
+        cfg = self.cfg
+        return InferConfig(task=self.task, model_cls="wan2.1_distill", denoising_step_list=cfg.distill.denoising_step_list,
+                           sample_shift=cfg.distill.sample_shift, enable_cfg=False,
+                           target_video_length=cfg.data.num_frames, target_height=cfg.data.height,
+                           target_width=cfg.data.width, seed=cfg.logging.sample_seed)
+
+    def sample(self, step: int) -> None:
+        prompts = self.cfg.logging.sample_prompts
+        if not prompts:
+            return
+        pipe = WanPipeline(self.infer_config(), self.student(ema=step > self.cfg.dmd.ema_start), self.vae,
+                           self.text_encoder, self.image_encoder)
+        image = None
+        if self.task == "i2v":
+            world = ShapesWorld(self.cfg.data.num_frames, self.cfg.data.height, self.cfg.data.width)
+            image = [world.render(p, self.cfg.logging.sample_seed)[0] for p in prompts]
+        for i, video in enumerate(pipe.generate(prompts, image=image)):
+            path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
+            self.logger.video(step, f"sample_{i}", path)
+
+    def export(self) -> Path:
+        """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors."""
+        out = Path(self.cfg.output_model or self.run_dir / "model")
+        student = self.student(ema=self.step > self.cfg.dmd.ema_start)
+        write_dit_folder(out, student, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        copy_components(self.components_path, out)
+        self.logger.event(self.step, f"exported student to {out}")
+        return out
+
+
+__all__ = ["DMDTrainer", "write_safetensors"]
