@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml scripts/deps.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

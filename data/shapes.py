@@ -203,7 +203,8 @@ def to_dataset(n: int, seed: int = 0, world: ShapesWorld | None = None, prompts:
                with_video: bool = True, cache_dir: str | None = None):
     """A `datasets.Dataset` of `n` clips (generated on the fly; `.save_to_disk(path)` materialises it).
 
-    Columns: prompt, seed, colour, shape, direction, size, x0, y0, speed and `video` (uint8 [F, H, W, 3]).
+    Columns: prompt, seed, colour, shape, direction, size, x0, y0, speed and `video` (uint8 [F, H, W, 3]; read
+    it with `as_numpy(ds)`). `world.render(row["prompt"], row["seed"])` reproduces a row's video.
     """
     import datasets
 
@@ -218,6 +219,12 @@ def to_dataset(n: int, seed: int = 0, world: ShapesWorld | None = None, prompts:
         iter_rows, features=datasets.Features(feats), cache_dir=cache_dir,
         gen_kwargs=dict(n=n, seed=seed, world=world, prompts=list(prompts) if prompts else None,
                         with_video=with_video))
+
+
+def as_numpy(ds):
+    """numpy view of a `to_dataset` table with `video` kept uint8 (the plain numpy/torch formatters widen
+    integer arrays to int64)."""
+    return ds.with_format("numpy", columns=["video"], dtype=np.uint8, output_all_columns=True)
 
 
 def write_prompt_file(path: str | Path, prompts: Sequence[str] | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ class DMDTrainer(Trainer):
         teacher = Path(cfg.model.path)
         real = load_dit(teacher, dtype=torch.float32)
         self.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
-        gen = load_dit(cfg.model.generator_init, dtype=torch.float32) if cfg.model.generator_init else copy.deepcopy(real)
+        init = cfg.model.generator_init
+        gen = load_dit(init, dtype=torch.float32) if init else copy.deepcopy(real)
         critic = copy.deepcopy(real)
         self.components_path = Path(cfg.model.components_path or teacher)
         self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task,
@@ -100,7 +102,7 @@ class DMDTrainer(Trainer):
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.gen):
                 with acc.autocast():
-                    x, _, _ = backward_simulation(lambda x, t: cond(self.gen, x, t), noise, self.scheduler, k, rng)
+                    x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
                     loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guidance_scale,
                                        cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
                 if not self.check_finite(loss.detach(), "generator DMD"):
@@ -120,7 +122,7 @@ class DMDTrainer(Trainer):
         for micro in range(cfg.grad_accum):
             cond, _, noise, rng = self._batch(step, micro, 1)
             with torch.no_grad(), acc.autocast():
-                x, _, _ = backward_simulation(lambda x, t: cond(self.gen, x, t), noise, self.scheduler, k, rng)
+                x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.critic):
                 with acc.autocast():
@@ -152,7 +154,8 @@ class DMDTrainer(Trainer):
 
     def infer_config(self) -> InferConfig:
         cfg = self.cfg
-        return InferConfig(task=self.task, model_cls="wan2.1_distill", denoising_step_list=cfg.distill.denoising_step_list,
+        return InferConfig(task=self.task, model_cls="wan2.1_distill",
+                           denoising_step_list=cfg.distill.denoising_step_list,
                            sample_shift=cfg.distill.sample_shift, enable_cfg=False,
                            target_video_length=cfg.data.num_frames, target_height=cfg.data.height,
                            target_width=cfg.data.width, seed=cfg.logging.sample_seed)

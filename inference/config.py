@@ -99,8 +99,9 @@ class InferConfig:
             raise ValueError("model_cls 'wan2.1_distill' needs a denoising_step_list, e.g. [1000, 750, 500, 250]")
         if self.is_distill:
             steps = self.denoising_step_list
-            if any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
-                raise ValueError(f"denoising_step_list must be strictly decreasing within (0, 1000], got {steps}")
+            if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
+                raise ValueError(f"denoising_step_list must be non-empty and strictly decreasing within (0, 1000], "
+                                 f"got {steps}")
             if self.infer_steps != len(steps):
                 # LightX2V: infer_steps of the distill scheduler = len(denoising_step_list).
                 self.infer_steps = len(steps)

@@ -71,6 +71,22 @@ def image_condition(vae, image_encoder, images: Tensor, shape: tuple[int, int, i
     return clip_fea, torch.cat([mask, latent], dim=1)
 
 
+class PerVideoSteps:
+    """A stateless scheduler (the distill one) stepped one video at a time, each with its own generator."""
+
+    def __init__(self, scheduler, generators: Sequence[torch.Generator]) -> None:
+        self.scheduler, self.generators = scheduler, list(generators)
+
+    def __getattr__(self, name: str):  # num_steps, timesteps, sigmas, ... of the wrapped scheduler
+        if name == "scheduler":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+    def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.cat([self.scheduler.step(v[j:j + 1], i, x[j:j + 1], generator=g)
+                          for j, g in enumerate(self.generators)])
+
+
 @dataclass
 class Timings:
     """Wall time per stage (seconds) and the number of DiT evaluations of the last call."""
@@ -174,10 +190,14 @@ class WanPipeline:
         t0 = time.perf_counter()
         scheduler = make_scheduler(cfg)
         scheduler.set_timesteps(None if cfg.is_distill else cfg.infer_steps)
-        noise = seeded_noise(shape, [seed + i for i in range(len(prompts))], self.device)
-        gen = torch.Generator("cpu").manual_seed(seed)  # fresh noise for the lcm update, reproducible
+        # One generator per video (seed + i): the initial noise (as seeded_noise) and then, for the lcm update,
+        # the fresh noise of every step, so that video i does not depend on the batch it was generated in.
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(self.device)
+        if cfg.is_distill and cfg.distill_update == "lcm":
+            scheduler = PerVideoSteps(scheduler, gens)
         denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y)
-        latent = sample(denoise, noise, scheduler, generator=gen, callback=callback, cancel=cancel)
+        latent = sample(denoise, noise, scheduler, callback=callback, cancel=cancel)
         self.timings.add("dit", time.perf_counter() - t0)
 
         t0 = time.perf_counter()

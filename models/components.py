@@ -21,7 +21,6 @@ from models.codec import PCACodec
 from models.loading import (
     COMPONENTS,
     DIT_CONFIG,
-    check_keys,
     find_dit_weights,
     load_into,
     read_components,
@@ -73,11 +72,8 @@ def _build_vae(entry: dict[str, Any], folder: Path) -> nn.Module:
     if kind == "wan_vae":
         from models.vae import WanVAE  # imported here: tiny folders never need it
 
-        vae = WanVAE(**entry.get("config", {}))
-        state = read_state_dict(path)
-        check_keys(vae, state, f"VAE {path}")
-        vae.load_state_dict(state)
-        return vae
+        return load_into(_on_meta(WanVAE, **entry.get("config", {})), read_state_dict(path, torch.float32),
+                         f"VAE {path}")
     raise ValueError(f"unknown vae type {kind!r} in {folder / COMPONENTS}; expected pca_codec or wan_vae")
 
 

@@ -1,0 +1,187 @@
+"""infer.py end to end on a random tiny model: .mp4 / .gif / .npy outputs, prompt files with per-video seeds,
+and bad input rejected with exit code 2 and a clear message before any network is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import infer
+import inference.loader
+from inference.loader import load_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture
+def t2v_config(tmp_path, tiny_t2v_dir, write_config):
+    return write_config(tmp_path / "t2v.json", model_path=str(tiny_t2v_dir), seed=5)
+
+
+@pytest.fixture
+def i2v_config(tmp_path, tiny_i2v_dir, write_config):
+    return write_config(tmp_path / "i2v.json", task="i2v", model_path=str(tiny_i2v_dir), seed=5)
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if any network would be loaded."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(inference.loader, "load_model_folder", boom)
+
+
+def _reference(config, seed: int, prompts=(PROMPT,)) -> np.ndarray:
+    """What the pipeline itself makes for these prompts (video i with seed + i)."""
+    return load_pipeline(config).generate(list(prompts), seed=seed)
+
+
+def test_npy_is_the_exact_pipeline_output(tmp_path, t2v_config, capsys):
+    out = tmp_path / "out" / "video.npy"
+    assert infer.main(["--config", str(t2v_config), "--prompt", PROMPT, "--save_result_path", str(out)]) == 0
+    saved = np.load(out)
+    np.testing.assert_array_equal(saved, _reference(t2v_config, seed=5)[0])
+    assert saved.dtype == np.uint8 and saved.shape == (5, 32, 32, 3)
+    log = capsys.readouterr().out
+    assert "DiT evaluations: 6" in log and f"saved {out}" in log  # 3 steps x 2 CFG passes
+
+
+def test_mp4_is_playable(tmp_path, t2v_config):
+    out = tmp_path / "video.mp4"
+    assert infer.main(["--config", str(t2v_config), "--prompt", PROMPT, "--save_result_path", str(out)]) == 0
+    with imageio.get_reader(out) as reader:
+        frames = [np.asarray(f) for f in reader]
+        fps = reader.get_meta_data()["fps"]
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3) and fps == 8
+    ref = _reference(t2v_config, seed=5)[0].astype(float)
+    assert np.abs(np.stack(frames).astype(float) - ref).mean() < 8  # H.264 is lossy, but it is this video
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
+
+
+def test_gif(tmp_path, t2v_config):
+    out = tmp_path / "video.gif"
+    assert infer.main(["--config", str(t2v_config), "--prompt", PROMPT, "--save_result_path", str(out),
+                       "--seed", "9"]) == 0
+    frames = imageio.mimread(out)
+    assert len(frames) == 5 and np.asarray(frames[0]).shape[:2] == (32, 32)
+
+
+def test_prompt_file_writes_one_video_per_prompt(tmp_path, t2v_config):
+    prompts = ["a red circle", "", "a blue square moving up", "two triangles"]  # blank lines are skipped
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "videos"
+    assert infer.main(["--config", str(t2v_config), "--prompt_file", str(tmp_path / "prompts.txt"),
+                       "--output_dir", str(out), "--seed", "100"]) == 0
+    kept = [p for p in prompts if p]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.mp4", "000001.mp4", "000002.mp4", "prompts.jsonl"]
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["prompt"] for r in rows] == kept
+    assert [r["seed"] for r in rows] == [100, 101, 102]
+    assert [r["path"] for r in rows] == [str(out / f"{i:06d}.mp4") for i in range(3)]
+    with imageio.get_reader(out / "000002.mp4") as reader:
+        assert sum(1 for _ in reader) == 5
+
+
+def test_prompt_file_batches_keep_per_video_seeds(tmp_path, t2v_config):
+    prompts = ["a red circle", "a blue square moving up", "two triangles"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+    assert infer.main(["--config", str(t2v_config), "--prompt_file", str(tmp_path / "p.txt"), "--output_dir",
+                       str(tmp_path / "o"), "--format", "npy", "--batch_size", "2"]) == 0
+    ref = _reference(t2v_config, seed=5, prompts=prompts)
+    for i in range(3):
+        np.testing.assert_array_equal(np.load(tmp_path / "o" / f"{i:06d}.npy"), ref[i])
+
+
+def test_i2v_cli(tmp_path, i2v_config):
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[8:24, 8:24] = (255, 0, 0)
+    imageio.imwrite(tmp_path / "frame0.png", image)
+    out = tmp_path / "i2v.npy"
+    assert infer.main(["--config", str(i2v_config), "--prompt", PROMPT, "--image_path",
+                       str(tmp_path / "frame0.png"), "--save_result_path", str(out)]) == 0
+    ref = load_pipeline(i2v_config).generate(PROMPT, seed=5, image=image)
+    np.testing.assert_array_equal(np.load(out), ref[0])
+
+
+# ---- bad input: exit code 2, a message naming the problem, no network loaded -----------------------------
+def _fails(argv, capsys, *needles) -> str:
+    assert infer.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_model_folder(tmp_path, write_config, capsys, no_model_work):
+    missing = tmp_path / "no_such_model"
+    config = write_config(tmp_path / "c.json", model_path=str(missing))
+    _fails(["--config", config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"], capsys,
+           "model folder not found", str(missing))
+    # --model_path wins over the config's folder and is reported the same way
+    other = tmp_path / "elsewhere"
+    _fails(["--config", config, "--model_path", other, "--prompt", PROMPT, "--save_result_path",
+            tmp_path / "o.mp4"], capsys, str(other))
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_missing_config(tmp_path, capsys, no_model_work):
+    _fails(["--config", tmp_path / "nope.json", "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"],
+           capsys, "inference config not found", "nope.json")
+
+
+def test_empty_prompt_file(tmp_path, t2v_config, capsys, no_model_work):
+    (tmp_path / "empty.txt").write_text("\n   \n")
+    _fails(["--config", t2v_config, "--prompt_file", tmp_path / "empty.txt", "--output_dir", tmp_path / "o"],
+           capsys, "empty.txt is empty")
+    _fails(["--config", t2v_config, "--prompt_file", tmp_path / "missing.txt", "--output_dir", tmp_path / "o"],
+           capsys, "prompt file not found", "missing.txt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_i2v_without_image(tmp_path, i2v_config, capsys, no_model_work):
+    _fails(["--config", i2v_config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"], capsys,
+           "i2v needs --image_path")
+    # --task i2v on a T2V config asks for the image too
+    t2v = i2v_config.with_name("t.json")
+    t2v.write_text(i2v_config.read_text().replace('"i2v"', '"t2v"'))
+    _fails(["--config", t2v, "--task", "i2v", "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"],
+           capsys, "--image_path")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # imageio probes its legacy plugins on a bad file
+def test_unreadable_image(tmp_path, i2v_config, capsys, no_model_work):
+    fake = tmp_path / "x.png"
+    fake.write_text("this is not a png")
+    _fails(["--config", i2v_config, "--prompt", PROMPT, "--image_path", fake, "--save_result_path",
+            tmp_path / "o.mp4"], capsys, "cannot read", str(fake))
+    _fails(["--config", i2v_config, "--prompt", PROMPT, "--image_path", tmp_path / "gone.png",
+            "--save_result_path", tmp_path / "o.mp4"], capsys, "image not found", "gone.png")
+
+
+def test_frames_not_4n_plus_1(tmp_path, tiny_t2v_dir, write_config, capsys, no_model_work):
+    config = write_config(tmp_path / "c.json", model_path=str(tiny_t2v_dir), target_video_length=6)
+    _fails(["--config", config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"], capsys,
+           "target_video_length must be 4n+1", "got 6")
+
+
+def test_bad_output_extension(tmp_path, t2v_config, capsys, no_model_work):
+    _fails(["--config", t2v_config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.avi"], capsys,
+           "--save_result_path must end in one of")
+
+
+def test_task_mismatch_with_model(tmp_path, tiny_t2v_dir, write_config, capsys):
+    """An I2V config on a T2V folder is caught when the DiT's config is read (still exit code 2)."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    imageio.imwrite(tmp_path / "f.png", image)
+    config = write_config(tmp_path / "c.json", task="i2v", model_path=str(tiny_t2v_dir))
+    _fails(["--config", config, "--prompt", PROMPT, "--image_path", tmp_path / "f.png", "--save_result_path",
+            tmp_path / "o.mp4"], capsys, "does not match the DiT", "model_type 't2v'")

@@ -1,0 +1,197 @@
+"""Inference configs: LightX2V keys, warnings for unknown keys and CFG on a distill schedule, validation rules
+(each ValueError names its rule), and the shipped configs under configs/ loading cleanly. No networks."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from inference.config import (
+    ATTENTION_KEYS,
+    IGNORED_KEYS,
+    WAN_NEGATIVE_PROMPT,
+    InferConfig,
+    LoraSpec,
+    config_from_dict,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for d in ("wan", "distill", "tiny") for p in (REPO / "configs" / d).glob("*.json"))
+
+# Every key of lightx2v.md "Inference JSON keys (distill)" (+ the teacher keys), as a user's file has them.
+LIGHTX2V_DISTILL = {
+    "infer_steps": 4,
+    "denoising_step_list": [1000, 750, 500, 250],
+    "sample_shift": 5,
+    "enable_cfg": False,
+    "sample_guide_scale": 5,
+    "target_video_length": 81,
+    "target_height": 480,
+    "target_width": 832,
+    "text_len": 512,
+    "fps": 16,
+    "seed": 42,
+    "lora_configs": [{"path": "a.safetensors", "strength": 0.5}, {"path": "b.safetensors"}],
+    "dit_quantized": True,
+    "dit_quant_scheme": "int8",
+    "cpu_offload": True,
+    "self_attn_1_type": "flash_attn3",
+    "cross_attn_1_type": "flash_attn2",
+    "cross_attn_2_type": "sage_attn2",
+    "task": "i2v",
+    "model_cls": "wan2.1_distill",
+}
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call fn with every warning turned into an error (asserts that it warns about nothing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kwargs)
+
+
+# ---- LightX2V keys -------------------------------------------------------------------------------------
+def test_lightx2v_keys_load():
+    cfg = _quiet(config_from_dict, LIGHTX2V_DISTILL)
+    assert cfg.task == "i2v" and cfg.model_cls == "wan2.1_distill" and cfg.is_distill
+    assert cfg.infer_steps == 4 and cfg.denoising_step_list == [1000, 750, 500, 250]
+    assert cfg.sample_shift == 5 and cfg.enable_cfg is False and cfg.sample_guide_scale == 5
+    assert (cfg.target_video_length, cfg.target_height, cfg.target_width) == (81, 480, 832)
+    assert cfg.text_len == 512 and cfg.fps == 16 and cfg.seed == 42
+    assert cfg.lora_configs == [LoraSpec("a.safetensors", 0.5), LoraSpec("b.safetensors", 1.0)]
+    assert cfg.dit_quantized and cfg.dit_quant_scheme == "int8" and cfg.cpu_offload
+
+
+def test_defaults_are_the_wan_teacher():
+    cfg = InferConfig()
+    assert (cfg.task, cfg.infer_steps, cfg.sample_solver, cfg.enable_cfg, cfg.sample_guide_scale) == \
+        ("t2v", 50, "unipc", True, 5.0)
+    assert (cfg.target_video_length, cfg.target_height, cfg.target_width, cfg.fps) == (81, 480, 832, 16)
+    assert cfg.sample_neg_prompt == WAN_NEGATIVE_PROMPT and not cfg.is_distill
+
+
+def test_unknown_key_warns_naming_it():
+    with pytest.warns(UserWarning, match="my_typo_key") as rec:
+        cfg = config_from_dict({"infer_steps": 7, "my_typo_key": 1})
+    assert cfg.infer_steps == 7
+    assert "unknown" in str(rec[0].message)
+
+
+def test_known_but_ignored_lightx2v_keys_are_quiet():
+    data = dict.fromkeys(IGNORED_KEYS, True) | {"_comment": "private keys start with _"}
+    cfg = _quiet(config_from_dict, data)
+    assert cfg == InferConfig()
+
+
+@pytest.mark.parametrize("key", ATTENTION_KEYS)
+@pytest.mark.parametrize("value", ["flash_attn2", "flash_attn3", "sage_attn2", "torch_sdpa", "radial_attn"])
+def test_attention_keys_accepted(key, value):
+    assert _quiet(config_from_dict, {key: value}) == InferConfig()
+
+
+def test_unknown_attention_value_warns_naming_key_and_value():
+    with pytest.warns(UserWarning, match=r"self_attn_1_type='xformers_magic'"):
+        config_from_dict({"self_attn_1_type": "xformers_magic"})
+
+
+# ---- validation: one rule per ValueError -------------------------------------------------------------
+@pytest.mark.parametrize("data, rule", [
+    ({"target_video_length": 80}, r"target_video_length must be 4n\+1.*got 80"),
+    ({"target_video_length": 0}, r"target_video_length must be 4n\+1"),
+    ({"target_height": 472}, r"target_height must be a positive multiple of 16, got 472"),
+    ({"target_width": 840}, r"target_width must be a positive multiple of 16, got 840"),
+    ({"sample_solver": "dpm++"}, r"sample_solver must be one of \['unipc', 'euler'\], got 'dpm\+\+'"),
+    ({"model_cls": "wan2.1_distill"}, r"model_cls 'wan2.1_distill' needs a denoising_step_list"),
+    ({"denoising_step_list": [1000, 750, 750, 250]}, r"denoising_step_list must be .*strictly decreasing"),
+    ({"denoising_step_list": [250, 500, 750, 1000]}, r"denoising_step_list must be .*strictly decreasing"),
+    ({"denoising_step_list": [1200, 750]}, r"within \(0, 1000\]"),
+    ({"denoising_step_list": [1000, 0]}, r"within \(0, 1000\]"),
+    ({"denoising_step_list": []}, r"denoising_step_list must be non-empty"),
+    ({"task": "flf2v"}, r"task must be one of"),
+    ({"model_cls": "wan2.2"}, r"model_cls must be one of"),
+    ({"distill_update": "ddim", "denoising_step_list": [1000, 500]}, r"distill_update must be one of"),
+    ({"infer_steps": 0}, r"infer_steps must be >= 1"),
+    ({"sample_shift": 0}, r"sample_shift must be > 0"),
+    ({"sample_guide_scale": -1}, r"sample_guide_scale must be >= 0"),
+    ({"dit_quantized": True, "dit_quant_scheme": "int4"}, r"dit_quant_scheme must be one of"),
+    ({"dtype": "fp64"}, r"dtype must be one of"),
+])
+def test_invalid_values_name_the_rule(data, rule):
+    with pytest.raises(ValueError, match=rule):
+        config_from_dict({"enable_cfg": False, **data})
+
+
+def test_replace_validates_and_rejects_unknown_fields():
+    cfg = InferConfig()
+    assert cfg.replace(infer_steps=8).infer_steps == 8 and cfg.infer_steps == 50
+    with pytest.raises(ValueError, match="target_height must be a positive multiple of 16"):
+        cfg.replace(target_height=100)
+    with pytest.raises(ValueError, match=r"unknown inference option\(s\): \['steps'\]"):
+        cfg.replace(steps=4)
+
+
+# ---- distill specifics ---------------------------------------------------------------------------------
+def test_cfg_on_with_distill_list_warns_about_blur():
+    with pytest.warns(UserWarning, match="blur"):
+        cfg = config_from_dict({"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": True})
+    assert cfg.enable_cfg  # a warning, not a silent change: the user may want it
+
+
+@pytest.mark.parametrize("steps", [[1000, 750, 500, 250], [1000, 500], [999, 800, 600, 400, 200, 100]])
+def test_infer_steps_follows_denoising_step_list(steps):
+    cfg = _quiet(config_from_dict, {"infer_steps": 50, "denoising_step_list": steps, "enable_cfg": False})
+    assert cfg.infer_steps == len(steps)
+    assert _quiet(cfg.replace, denoising_step_list=[1000, 500, 250]).infer_steps == 3
+
+
+def test_distill_list_items_become_ints():
+    cfg = _quiet(config_from_dict, {"denoising_step_list": [1000.0, 750.0], "enable_cfg": False})
+    assert cfg.denoising_step_list == [1000, 750] and all(type(d) is int for d in cfg.denoising_step_list)
+
+
+# ---- files -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO / "configs")) for p in SHIPPED])
+def test_shipped_configs_load_without_warnings(path):
+    cfg = _quiet(load_config, path)
+    data = json.loads(path.read_text())
+    for key in ("task", "infer_steps", "enable_cfg", "target_video_length", "sample_shift"):
+        if key in data:
+            assert getattr(cfg, key) == data[key], key
+    if cfg.model_cls == "wan2.1_distill":
+        assert cfg.is_distill and not cfg.enable_cfg and cfg.infer_steps == len(cfg.denoising_step_list)
+
+
+def test_shipped_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in SHIPPED}
+    assert {"wan/wan_t2v.json", "wan/wan_i2v.json", "distill/wan_t2v_distill_4step_cfg.json",
+            "distill/wan_i2v_distill_4step_cfg.json"} <= names
+
+
+def test_shipped_teacher_and_distill_values():
+    """The baselines of lightx2v.md: T2V 50 steps / guide 6 / shift 8; I2V 40 / 5 / 3; distill 4 steps, no CFG."""
+    t2v, i2v = load_config(REPO / "configs/wan/wan_t2v.json"), load_config(REPO / "configs/wan/wan_i2v.json")
+    assert (t2v.infer_steps, t2v.sample_guide_scale, t2v.sample_shift, t2v.enable_cfg) == (50, 6, 8, True)
+    assert (i2v.infer_steps, i2v.sample_guide_scale, i2v.sample_shift, i2v.task) == (40, 5, 3, "i2v")
+    for name in ("wan_t2v_distill_4step_cfg.json", "wan_i2v_distill_4step_cfg.json"):
+        d = load_config(REPO / "configs/distill" / name)
+        assert d.denoising_step_list == [1000, 750, 500, 250] and d.infer_steps == 4 and not d.enable_cfg
+
+
+def test_load_config_overrides_win_and_none_is_unset(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"seed": 1, "task": "t2v", "infer_steps": 9}))
+    cfg = load_config(path, seed=7, task=None)
+    assert (cfg.seed, cfg.task, cfg.infer_steps) == (7, "t2v", 9)
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="inference config not found: .*nope.json"):
+        load_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{infer_steps: 4")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        load_config(bad)
