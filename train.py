@@ -20,6 +20,10 @@ def trainer_for(cfg: TrainConfig):
         from distill.pretrain import PretrainTrainer
 
         return PretrainTrainer(cfg)
+    if cfg.task == "ode":
+        from distill.ode import ODETrainer
+
+        return ODETrainer(cfg)
     if cfg.task == "dmd":
         from distill.dmd import DMDTrainer
 

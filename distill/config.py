@@ -159,6 +159,8 @@ class TrainConfig:
         steps = self.distill.denoising_step_list
         if any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
             raise ValueError(f"distill.denoising_step_list must be strictly decreasing in (0, 1000], got {steps}")
+        if self.task == "ode" and self.grad_accum != 1:
+            raise ValueError("task ode takes one batch per step: set grad_accum=1 (raise batch_size instead)")
         if self.dmd.dfake_gen_update_ratio < 1:
             raise ValueError("dmd.dfake_gen_update_ratio must be >= 1")
         if not 0 <= self.dmd.t_min < self.dmd.t_max <= 1000:

@@ -45,7 +45,7 @@ class DMDTrainer(Trainer):
         real = load_dit(teacher, dtype=torch.float32)
         self.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
         init = cfg.model.generator_init
-        gen = load_dit(init, dtype=torch.float32) if init else copy.deepcopy(real)
+        gen = load_dit(init, distill=True, dtype=torch.float32) if init else copy.deepcopy(real)
         critic = copy.deepcopy(real)
         self.components_path = Path(cfg.model.components_path or teacher)
         self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task,

@@ -106,13 +106,14 @@ class ExactFlowModel(nn.Module):
 class ToyMLP(nn.Module):
     """A small MLP v(x, t) with the DiT signature; the timestep enters as s = t / 1000 and Fourier features."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, n_freq: int = 4):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, n_freq: int = 4,
+                 act: type[nn.Module] = nn.SiLU):
         super().__init__()
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
         layers: list[nn.Module] = []
         width = dim + 1 + 2 * n_freq
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            layers += [nn.Linear(width, hidden), act()]
             width = hidden
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)

@@ -47,8 +47,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.build()
         self.logger = MetricsLogger(self.run_dir, cfg, enabled=self.is_main)
+        self.build()
 
     # ---- to be provided by tasks ----------------------------------------------------------------------------
     def build(self) -> None:

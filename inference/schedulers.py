@@ -85,6 +85,13 @@ class FlowEulerScheduler(_FlowScheduler):
     def set_timesteps(self, num_steps: int | None = None) -> None:
         self._set_grid(*wan_grid(num_steps, self.shift, self.num_train_timesteps))
 
+    def set_sigmas(self, sigmas: Sequence[float]) -> None:
+        """A custom decreasing grid ending in 0 (e.g. one that passes exactly through a student's sigmas)."""
+        s = torch.as_tensor(list(sigmas), dtype=torch.float64)
+        if s.ndim != 1 or len(s) < 2 or s[-1] != 0 or bool((s[1:] >= s[:-1]).any()) or s[0] > 1:
+            raise ValueError(f"sigmas must decrease strictly from <= 1 to a final 0, got {s.tolist()}")
+        self._set_grid(s.float(), (s[:-1] * self.num_train_timesteps).float())
+
     def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self._check_index(i)
         return (x + (self._s[i + 1] - self._s[i]) * v).to(x.dtype)

@@ -25,9 +25,6 @@ from torch import nn
 
 from models.loading import write_safetensors
 
-_BUFFERS = ("mean0", "basis0", "lat_mean0", "lat_std0", "mean", "basis", "lat_mean", "lat_std")
-
-
 class PCACodec(nn.Module):
     """Linear codec; see the module docstring. Buffers: `basis0` [192, z], `basis` [768, z] (orthonormal
     columns), block means `mean0`/`mean`, latent channel statistics `lat_mean0/lat_std0` (frame 0) and
