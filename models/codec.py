@@ -25,6 +25,7 @@ from torch import nn
 
 from models.loading import write_safetensors
 
+
 class PCACodec(nn.Module):
     """Linear codec; see the module docstring. Buffers: `basis0` [192, z], `basis` [768, z] (orthonormal
     columns), block means `mean0`/`mean`, latent channel statistics `lat_mean0/lat_std0` (frame 0) and
