@@ -6,6 +6,8 @@
         --prompt_file prompts.txt --output_dir outputs/ --format mp4
     python infer.py --config configs/tiny/i2v_teacher.json --image_path frame0.png --prompt "..." \
         --save_result_path out.mp4
+    python infer.py --config configs/tiny/t2v_distill_4step.json --lora_path my_lora.safetensors \
+        --lora_strength 0.8 --prompt "..." --save_result_path out.mp4
 
 The result format follows the extension: .mp4 (H.264), .gif, .npy (raw uint8 [F,H,W,3], lossless).
 """
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference.config import load_config
+from inference.config import LORA_MODES, LoraSpec, load_config
 from inference.video import FORMATS, read_image, save_video
 
 
@@ -38,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dst.add_argument("--output_dir", help="folder for 000000.<format> ... and prompts.jsonl")
     p.add_argument("--format", choices=FORMATS, default="mp4", help="format with --output_dir")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per forward with --prompt_file")
+    p.add_argument("--lora_path", help="a LoRA file, applied after the config's lora_configs (relative paths "
+                   "resolve like model_path)")
+    p.add_argument("--lora_strength", type=float, default=1.0, help="strength of --lora_path")
+    p.add_argument("--lora_mode", choices=LORA_MODES, help="merge (default) or runtime (unmerged)")
     return p.parse_args(argv)
 
 
@@ -55,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # Validate everything cheap before loading any network.
-        cfg = load_config(args.config, task=args.task, seed=args.seed)
+        cfg = load_config(args.config, task=args.task, seed=args.seed, lora_mode=args.lora_mode)
+        if args.lora_path:
+            cfg = cfg.replace(lora_configs=[*cfg.lora_configs, LoraSpec(args.lora_path, args.lora_strength)])
+        if cfg.lora_configs:
+            from inference.lora import resolve_lora_path  # imports torch: only when there are LoRAs
+        for spec in cfg.lora_configs:
+            if not resolve_lora_path(spec.path).is_file():
+                raise FileNotFoundError(f"LoRA file not found: {resolve_lora_path(spec.path)}")
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
         if args.save_result_path and len(prompts) != 1:
             raise ValueError("--save_result_path writes one video; use --output_dir with --prompt_file")

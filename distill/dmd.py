@@ -85,7 +85,9 @@ class DMDTrainer(Trainer):
     def _batch(self, step: int, micro: int, phase: int) -> tuple[Cond, Cond, torch.Tensor, torch.Generator]:
         cfg, acc = self.cfg, self.accelerator
         cond, uncond, _ = self.data.get(2 * step + phase, micro, cfg.grad_accum, cfg.batch_size, self.latent_shape)
-        rng = seeded(cfg.seed, step, phase, micro, acc.process_index)
+        # keyed by the chunk's index within the step (micro-batch-major, like the data): N processes at batch B
+        # equal one process at batch B with grad_accum=N (a 5-tuple: never the 4-tuple key of exit_step)
+        rng = seeded(cfg.seed, step, phase, micro * acc.num_processes + acc.process_index, 0)
         noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=rng).to(self.device)
         return cond.to(self.device), uncond.to(self.device), noise, rng
 

@@ -83,7 +83,10 @@ class PretrainTrainer(Trainer):
         for micro in range(cfg.grad_accum):
             x0, cond, _ = self.data.get(step, micro, cfg.grad_accum, cfg.batch_size)
             cond = cond.to(self.device)
-            gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, acc.process_index)) % 2**63)
+            # noise keyed by the chunk's index within the step (micro-batch-major, like the data): N processes
+            # at batch B equal one process at batch B with grad_accum=N, sample for sample
+            chunk = micro * acc.num_processes + acc.process_index
+            gen = torch.Generator().manual_seed(hash((cfg.seed, step, chunk, 0)) % 2**63)
             last = micro == cfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with contextlib.nullcontext() if last else acc.no_sync(self.dit):
                 with acc.autocast():

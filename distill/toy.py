@@ -107,8 +107,9 @@ class ToyMLP(nn.Module):
     """A small MLP v(x, t) with the DiT signature; the timestep enters as s = t / 1000 and Fourier features."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, n_freq: int = 4,
-                 act: type[nn.Module] = nn.SiLU):
+                 act: type[nn.Module] = nn.SiLU, x_scale: float = 1.0):
         super().__init__()
+        self.x_scale = x_scale
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
         layers: list[nn.Module] = []
         width = dim + 1 + 2 * n_freq
@@ -122,4 +123,4 @@ class ToyMLP(nn.Module):
                 y: Tensor | None = None) -> Tensor:
         s = (t.float() / 1000.0)[:, None]
         ang = s * self.freqs
-        return self.net(torch.cat([x.float(), s, ang.sin(), ang.cos()], dim=1))
+        return self.net(torch.cat([self.x_scale * x.float(), s, ang.sin(), ang.cos()], dim=1))

@@ -7,6 +7,7 @@ scalar metrics) and `export()` (the inference artefact). The loop, checkpointing
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ class Trainer:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=cfg.mixed_precision)
+        # `accelerate launch --multi_gpu` on a machine without CUDA: DDP over gloo on the CPU (otherwise every
+        # process silently runs as its own single-process job, all writing the same run directory)
+        cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=cfg.mixed_precision, cpu=cpu)
         set_seed(cfg.seed, device_specific=True)
         self.device = self.accelerator.device
         self.run_dir = Path(cfg.run_dir)
@@ -86,18 +90,34 @@ class Trainer:
         return float(norm)
 
     def check_finite(self, loss: torch.Tensor, what: str) -> bool:
-        """False (skip the update) on a non-finite loss; raise after MAX_NONFINITE in a row."""
-        if torch.isfinite(loss).all():
+        """False (skip the update) on a non-finite loss; raise after MAX_NONFINITE in a row.
+
+        The decision is taken jointly by all processes (a loss that is non-finite on one rank skips the update
+        everywhere): a rank that skipped alone would leave the others waiting in DDP's gradient all-reduce."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1).to(self.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if not bad.item():
             self.nonfinite = 0
             return True
         self.nonfinite += 1
-        self.logger.event(self.step, f"non-finite {what} loss ({loss.item()}); step skipped "
+        self.logger.event(self.step, f"non-finite {what} loss (rank {self.accelerator.process_index}: "
+                          f"{loss.detach().float().mean().item()}); step skipped "
                           f"({self.nonfinite}/{MAX_NONFINITE} in a row)")
         if self.nonfinite >= MAX_NONFINITE:
             raise NonFiniteLossError(
                 f"{MAX_NONFINITE} non-finite {what} losses in a row at step {self.step}: stopping. The latest "
                 f"checkpoint in {self.ckpt_dir} is intact; lower the learning rate or check the data.")
         return False
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average the scalar metrics over the processes (each rank's loss is a mean over its own batch, so the
+        average is the loss of the global batch); every rank must return the same keys in the same order."""
+        if self.accelerator.num_processes == 1 or not metrics:
+            return metrics
+        values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, "mean")
+        return dict(zip(metrics, values.tolist()))
 
     def state_for_checkpoint(self) -> tuple[dict, dict, dict]:
         nets = {k: self.unwrap(v).state_dict() for k, v in self.networks.items()}
@@ -142,6 +162,7 @@ class Trainer:
                 metrics = self.train_step(self.step)
                 self.step += 1
                 metrics["step_time"] = time.perf_counter() - t0
+                metrics = self.reduce_metrics(metrics)
                 self.logger.log(self.step, metrics)
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
                     self.save()

@@ -27,6 +27,7 @@ SOLVERS = ("unipc", "euler")
 DISTILL_UPDATES = ("euler", "lcm")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANT_SCHEMES = ("int8", "fp8")
+LORA_MODES = ("merge", "runtime")  # merged into the weights at load, or applied unmerged (inference/lora.py)
 # Attention kernels named by LightX2V configs; all run through our attention() (SDPA, or flash-attn if installed).
 ATTENTION_TYPES = ("flash_attn2", "flash_attn3", "sage_attn2", "torch_sdpa", "sdpa", "radial_attn")
 ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")
@@ -63,7 +64,8 @@ class InferConfig:
     text_len: int | None = None  # informative; the DiT's config.json decides
     fps: int = 16
     seed: int = 42
-    lora_configs: list[LoraSpec] = field(default_factory=list)
+    lora_configs: list[LoraSpec] = field(default_factory=list)  # applied in order, see inference/lora.py
+    lora_mode: str = "merge"  # merge | runtime (unmerged: switchable per request, works on quantized weights)
     dit_quantized: bool = False
     dit_quant_scheme: str | None = None
     cpu_offload: bool = False
@@ -88,6 +90,7 @@ class InferConfig:
         _choice("distill_update", self.distill_update, DISTILL_UPDATES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("attention_type", self.attention_type, ATTENTION_TYPES)
+        _choice("lora_mode", self.lora_mode, LORA_MODES)
         if self.infer_steps < 1:
             raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
         if self.sample_shift <= 0:

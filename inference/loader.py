@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from inference.config import InferConfig, load_config
+from inference.lora import apply_lora_configs
 from inference.pipeline import WanPipeline
 from models.components import load_model_folder
 
@@ -51,4 +52,5 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     dtype = resolve_dtype(cfg.dtype, device)
     comps = load_model_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",
                               dit_ckpt=cfg.dit_original_ckpt, dtype=dtype, device=device)
+    apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
     return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype)
