@@ -196,8 +196,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
-        # e.g. "Key 'lrr' not in 'OptimConfig'" or "Value 'abc' could not be converted to Integer"
-        raise ValueError(f"invalid training config: {e}".split("\n    full_key")[0]) from e
+        # e.g. "Key 'lrr' not in 'OptimConfig'" or "Value 'abc' could not be converted to Integer": name the key
+        key, msg = getattr(e, "full_key", None), str(e).split("\n")[0]
+        raise ValueError(f"invalid training config{f' at {key}' if key else ''}: {msg}") from e
     cfg: TrainConfig = OmegaConf.to_object(merged)
     cfg.validate()
     return cfg

@@ -56,8 +56,9 @@ class ShapesBatches:
         prompts, videos = zip(*(self.world.sample(s) for s in seeds))
         video = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B,3,F,H,W]
         x0 = self.vae.encode(video).float()
-        rng = np.random.default_rng(seeds)
-        drop = rng.random(batch) < self.cfg_dropout
+        # per video (not per micro-batch): batch 2 x grad_accum 2 drops exactly the prompts batch 4 drops (the
+        # key differs from the world's prompt [s, 1 << 20] and render [s, prompt index] keys)
+        drop = [np.random.default_rng([int(s), 1 << 21]).random() < self.cfg_dropout for s in seeds]
         text_prompts = ["" if d else p for p, d in zip(prompts, drop)]
         cond = Cond(self.text(text_prompts))
         if self.image_encoder is not None:

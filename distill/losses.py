@@ -92,7 +92,9 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
         real = guided_x0(real_score, x_t, s, cond, uncond, guidance)
         fake = guided_x0(fake_score, x_t, s, cond, None, 1.0)
         norm = (x.detach().float() - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-        grad = torch.nan_to_num((fake - real) / norm)
+        # norm = 0 (x == real exactly): 0/0 and c/0 both give 0 (the default +-float max for c/0 would make the
+        # loss inf and overflow the gradient norm / Adam's second moment)
+        grad = torch.nan_to_num((fake - real) / norm, nan=0.0, posinf=0.0, neginf=0.0)
     x64 = x.double()
     loss = 0.5 * (x64 - (x64 - grad.double()).detach()).pow(2).mean()
     return loss.float(), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt()), "critic_t": float(1000 * s.mean())}

@@ -353,7 +353,7 @@ def _describe_geometry(geo: dict, exact_layers: bool = False) -> str:
                 (geo.get("layers") is None or (d["num_layers"] == geo["layers"] if exact_layers
                                                else d["num_layers"] >= geo["layers"])):
             names.append(name)
-    text = f"a {kind} model ({', '.join(parts)})"
+    text = f"{'an' if kind.startswith('I') else 'a'} {kind} model ({', '.join(parts)})"
     return f"{' or '.join(names)}: {text}" if names and (geo.get("dim") is not None) else text
 
 
@@ -362,6 +362,13 @@ def _fits(entry: LoraEntry, tensor: Tensor) -> bool:
         return tensor.ndim >= 2 and entry.delta_shape == (tensor.shape[0], math.prod(tensor.shape[1:]))
     squeeze = tuple(s for s in entry.diff.shape if s != 1)
     return entry.diff.numel() == tensor.numel() and squeeze == tuple(s for s in tensor.shape if s != 1)
+
+
+def _shown_shape(e: LoraEntry) -> list[int]:
+    """The shape of an entry's change as the weight would have it (conv LoRAs: [out, in, kt, kh, kw])."""
+    if e.kind == "lora" and e.down.ndim > 2:
+        return [int(e.up.shape[0]), *e.down.shape[1:]]
+    return list(e.delta_shape)
 
 
 def _listing(items: Sequence[str], n: int = 20) -> str:
@@ -386,7 +393,7 @@ def check_lora(model: nn.Module, entries: Sequence[LoraEntry], name: str = "LoRA
             keys = [k for e in unmatched for k in e.keys]
             parts.append(f"{len(keys)} key(s) match nothing in the model: {_listing(keys)}")
         if mismatched:
-            shapes = [f"{e.target}: LoRA {list(e.delta_shape)} vs model {list(tensors[e.target].shape)}"
+            shapes = [f"{e.target}: LoRA {_shown_shape(e)} vs model {list(tensors[e.target].shape)}"
                       for e in mismatched]
             parts.append(f"{len(mismatched)} tensor(s) have other shapes: {_listing(shapes, 5)}")
         geo = lora_geometry(entries)
