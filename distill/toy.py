@@ -52,6 +52,16 @@ class GaussianMixture:
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[k] + self.stds[k, None] * eps).float()
 
+    def log_prob(self, x_s: Tensor, s: Tensor | float) -> Tensor:
+        """log p_s(x_s) [B] of the noised marginal at sigma s (float or [B]), float64."""
+        x = x_s.double()
+        s = torch.as_tensor(s, dtype=torch.float64).expand(x.shape[0])[:, None]  # [B, 1]
+        a = 1.0 - s
+        var = a * a * (self.stds**2)[None] + s * s  # [B, K]
+        d2 = (x[:, None, :] - a[:, :, None] * self.means[None]).pow(2).sum(-1)  # [B, K]
+        logn = -0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return torch.logsumexp(self.weights.log()[None] + logn, dim=1)
+
     def posterior_mean(self, x_s: Tensor, s: Tensor | float) -> Tensor:
         """E[x0 | x_s] for x_s [B, D] at sigma s (float or [B]); computed in float64, returned as x_s.dtype."""
         x = x_s.double()

@@ -44,7 +44,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
-        self.nonfinite = 0
+        self.nonfinite: dict[str, int] = {}  # consecutive non-finite losses, per loss (generator, critic, ...)
         self.networks: dict[str, nn.Module] = {}  # trainable networks saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}  # e.g. EMA, by name -> object with state_dict/load_state_dict
@@ -94,17 +94,19 @@ class Trainer:
 
         The decision is taken jointly by all processes (a loss that is non-finite on one rank skips the update
         everywhere): a rank that skipped alone would leave the others waiting in DDP's gradient all-reduce."""
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1).to(self.device)
+        local = bool((~torch.isfinite(loss.detach())).any())
+        bad = local
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")
-        if not bad.item():
-            self.nonfinite = 0
+            flag = torch.tensor([float(local)], device=self.device)
+            bad = bool(self.accelerator.reduce(flag, "sum").item())
+        if not bad:
+            self.nonfinite[what] = 0
             return True
-        self.nonfinite += 1
-        self.logger.event(self.step, f"non-finite {what} loss (rank {self.accelerator.process_index}: "
-                          f"{loss.detach().float().mean().item()}); step skipped "
-                          f"({self.nonfinite}/{MAX_NONFINITE} in a row)")
-        if self.nonfinite >= MAX_NONFINITE:
+        count = self.nonfinite[what] = self.nonfinite.get(what, 0) + 1
+        value = loss.detach().float().mean().item() if local else "finite here, non-finite on another rank"
+        self.logger.event(self.step, f"non-finite {what} loss ({value}); step skipped "
+                          f"({count}/{MAX_NONFINITE} in a row)")
+        if count >= MAX_NONFINITE:
             raise NonFiniteLossError(
                 f"{MAX_NONFINITE} non-finite {what} losses in a row at step {self.step}: stopping. The latest "
                 f"checkpoint in {self.ckpt_dir} is intact; lower the learning rate or check the data.")
