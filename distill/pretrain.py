@@ -32,9 +32,14 @@ def init_i2v_from_t2v(i2v: WanModel, t2v_state: dict[str, torch.Tensor]) -> None
 
     The patch embedding grows from z to 2z+4 input channels: the T2V filters go to the first z (the noisy
     latent, which comes first in cat([x, y])), the new mask/image channels start at zero so the network
-    initially behaves like the T2V model. Image layers (img_emb, k_img, v_img, norm_k_img) keep their init.
+    initially behaves like the T2V model. The image cross-attention's value projection (`v_img`) starts at zero
+    too, so the image branch adds nothing until it has learnt something; the other image layers (img_emb,
+    k_img, norm_k_img) keep their init and still receive gradients through v_img.
     """
     own = i2v.state_dict()
+    for key in own:
+        if ".cross_attn.v_img." in key:
+            own[key].zero_()
     for key, value in t2v_state.items():
         if key == "patch_embedding.weight":
             own[key].zero_()
