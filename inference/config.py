@@ -68,7 +68,7 @@ class InferConfig:
     lora_mode: str = "merge"  # merge | runtime (unmerged: switchable per request, works on quantized weights)
     dit_quantized: bool = False
     dit_quant_scheme: str | None = None
-    cpu_offload: bool = False
+    cpu_offload: bool = False  # keep the text encoder (umT5-XXL, 11 GB in bf16) on the CPU
     attention_type: str = "sdpa"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"

@@ -51,6 +51,7 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     comps = load_model_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",
-                              dit_ckpt=cfg.dit_original_ckpt, dtype=dtype, device=device)
+                              dit_ckpt=cfg.dit_original_ckpt, dtype=dtype, device=device,
+                              text_device="cpu" if cfg.cpu_offload else None)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
     return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype)

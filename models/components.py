@@ -77,12 +77,13 @@ def _build_vae(entry: dict[str, Any], folder: Path) -> nn.Module:
     raise ValueError(f"unknown vae type {kind!r} in {folder / COMPONENTS}; expected pca_codec or wan_vae")
 
 
-def _build_text_encoder(entry: dict, tok_entry: dict, folder: Path, text_len: int) -> TextEncoder:
+def _build_text_encoder(entry: dict, tok_entry: dict, folder: Path, text_len: int,
+                        dtype: torch.dtype = torch.float32) -> TextEncoder:
     if entry["type"] != "umt5":
         raise ValueError(f"unknown text_encoder type {entry['type']!r}; expected umt5")
     model = _on_meta(UMT5Encoder, **entry.get("config", {}))
     path = folder / entry["file"]
-    load_into(model, read_state_dict(path, torch.float32), f"text encoder {path}")
+    load_into(model, read_state_dict(path, dtype), f"text encoder {path}")
     model.eval().requires_grad_(False)
     if tok_entry["type"] == "byte":
         tokenizer = ByteTokenizer()
@@ -93,39 +94,43 @@ def _build_text_encoder(entry: dict, tok_entry: dict, folder: Path, text_len: in
     return TextEncoder(model, tokenizer, text_len=text_len)
 
 
-def _build_image_encoder(entry: dict, folder: Path) -> CLIPImageEncoder:
+def _build_image_encoder(entry: dict, folder: Path, dtype: torch.dtype = torch.float32) -> CLIPImageEncoder:
     if entry["type"] != "clip":
         raise ValueError(f"unknown image_encoder type {entry['type']!r}; expected clip")
     model = _on_meta(CLIPImageEncoder, **entry.get("config", {}))
     path = folder / entry["file"]
-    state = {k: v for k, v in read_state_dict(path, torch.float32).items() if k.startswith("visual.")}
+    state = {k: v for k, v in read_state_dict(path, dtype).items() if k.startswith("visual.")}
     load_into(model, state, f"image encoder {path}")
     return model.eval().requires_grad_(False)
 
 
-def load_encoders(folder: str | Path, task: str, text_len: int) -> tuple[nn.Module, TextEncoder, nn.Module | None]:
-    """VAE (or codec), text encoder and, for I2V, the CLIP image encoder of a folder."""
+def load_encoders(folder: str | Path, task: str, text_len: int, dtype: torch.dtype = torch.float32
+                  ) -> tuple[nn.Module, TextEncoder, nn.Module | None]:
+    """VAE (or codec) in fp32, text encoder and, for I2V, the CLIP image encoder (in `dtype`) of a folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     table = read_components(folder)
     vae = _build_vae(table["vae"], folder).eval().requires_grad_(False)
-    text = _build_text_encoder(table["text_encoder"], table["tokenizer"], folder, text_len)
-    image = _build_image_encoder(table["image_encoder"], folder) if task == "i2v" else None
+    text = _build_text_encoder(table["text_encoder"], table["tokenizer"], folder, text_len, dtype)
+    image = _build_image_encoder(table["image_encoder"], folder, dtype) if task == "i2v" else None
     return vae, text, image
 
 
 def load_model_folder(folder: str | Path, task: str, distill: bool = False, dit_ckpt: str | None = None,
-                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Components:
-    """All components of a Wan-style folder; the DiT in `dtype` on `device`, encoders in fp32."""
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      text_device: str | torch.device | None = None) -> Components:
+    """All components of a Wan-style folder: DiT, text and image encoders in `dtype` on `device` (the text
+    encoder on `text_device` when given, e.g. "cpu" to offload umT5-XXL), the VAE in fp32."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     dit = load_dit(folder, distill, dit_ckpt, dtype).to(device).eval().requires_grad_(False)
     if (task == "i2v") != (dit.model_type in ("i2v", "flf2v")):
         raise ValueError(f"task {task!r} does not match the DiT in {folder} (model_type {dit.model_type!r})")
-    vae, text, image = load_encoders(folder, task, dit.text_len)
-    return Components(dit, vae.to(device), text.to(device), None if image is None else image.to(device),
+    vae, text, image = load_encoders(folder, task, dit.text_len, dtype)
+    text = text.to(text_device or device)
+    return Components(dit, vae.to(device), text, None if image is None else image.to(device),
                       read_components(folder))
 
 
