@@ -4,7 +4,7 @@
     python train.py --config configs/tiny/t2v_teacher.yaml max_steps=10 run_dir=runs/debug
     python train.py --config configs/tiny/t2v_teacher.yaml --dry-run
 
-`--dry-run` prints the resolved config and exits.
+`--dry-run` prints the resolved config and the memory/compute estimate (distill/plan.py) and exits.
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from distill.plan import estimate
+
         print(to_yaml(cfg))
+        print(f"estimate per process ({cfg.task}, batch {cfg.batch_size} x accum {cfg.grad_accum}):")
+        print(estimate(cfg).table())
         return 0
     out = trainer_for(cfg).train()
     if out is not None:

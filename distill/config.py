@@ -32,6 +32,8 @@ class ModelConfig:
 class DataConfig:
     source: str = "shapes"  # shapes: the procedural world (renders videos on the fly) | prompts
     prompt_path: str | None = None  # prompts source (distill/prompts.py) when source = prompts
+    prompt_column: str = "prompt"
+    image_column: str = "image"  # I2V with source = prompts: column of image paths
     num_frames: int = 17
     height: int = 64
     width: int = 64

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from data.shapes import PROMPTS, ShapesWorld
 from distill.losses import Cond
-from inference.pipeline import image_condition
+from inference.pipeline import image_condition, image_to_tensor
+from inference.video import read_image
 
 
 class TextCache:
@@ -75,12 +76,15 @@ class PromptBatches:
     """
 
     def __init__(self, prompts: Sequence[str], text: TextCache, negative: str, seed: int, rank: int = 0,
-                 world_size: int = 1, vae=None, image_encoder=None, world: ShapesWorld | None = None) -> None:
+                 world_size: int = 1, vae=None, image_encoder=None, world: ShapesWorld | None = None,
+                 image_paths: Sequence[str] | None = None) -> None:
         self.prompts, self.text, self.negative = list(prompts), text, negative
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.vae, self.image_encoder, self.world = vae, image_encoder, world
-        if image_encoder is not None and world is None:
-            raise ValueError("I2V distillation needs conditioning images: use data.source=shapes")
+        self.image_paths = None if image_paths is None else list(image_paths)
+        if image_encoder is not None and world is None and self.image_paths is None:
+            raise ValueError("I2V distillation needs conditioning images: data.source=shapes, or a prompt source "
+                             "with an image column (data.image_column)")
 
     @torch.no_grad()
     def get(self, step: int, micro: int, accum: int, batch: int,
@@ -93,11 +97,19 @@ class PromptBatches:
             samples = [self.world.sample(s) for s in seeds]
             prompts = [p for p, _ in samples]
         else:
-            prompts = [self.prompts[i] for i in rng.integers(len(self.prompts), size=batch)]
+            rows = rng.integers(len(self.prompts), size=batch)
+            prompts = [self.prompts[i] for i in rows]
         cond = Cond(self.text(prompts))
         uncond = Cond(self.text([self.negative] * batch))
         if self.image_encoder is not None:
-            images = torch.from_numpy(np.stack([v[0] for _, v in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            if self.world is not None:
+                frames = [v[0] for _, v in samples]
+            else:  # image files, resized to the training size (image_condition resizes to the latent grid)
+                frames = [read_image(self.image_paths[i]) for i in rows]
+            _, _, h, w = latent_shape
+            size = (h * self.vae.spatial_stride, w * self.vae.spatial_stride)
+            images = torch.cat([torch.nn.functional.interpolate(image_to_tensor(f)[None], size=size, mode="bicubic")
+                                for f in frames]).clamp(-1, 1)
             clip_fea, y = image_condition(self.vae, self.image_encoder, images, latent_shape)
             cond.clip_fea = uncond.clip_fea = clip_fea
             cond.y = uncond.y = y

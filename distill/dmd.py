@@ -22,7 +22,7 @@ from data.shapes import PROMPTS, ShapesWorld
 from distill.data import PromptBatches, TextCache
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
-from distill.prompts import load_prompts
+from distill.prompts import load_prompt_images, load_prompts
 from distill.trainer import Trainer
 from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
 from inference.pipeline import WanPipeline
@@ -71,15 +71,17 @@ class DMDTrainer(Trainer):
     def _build_data(self, text_len: int) -> PromptBatches:
         cfg = self.cfg
         negative = WAN_NEGATIVE_PROMPT if cfg.distill.negative_prompt is None else cfg.distill.negative_prompt
-        world = None
+        world, images = None, None
         if cfg.data.source == "shapes":
             prompts = list(PROMPTS)
             world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        elif self.task == "i2v":
+            prompts, images = load_prompt_images(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
         else:
-            prompts = load_prompts(cfg.data.prompt_path)
+            prompts = load_prompts(cfg.data.prompt_path, cfg.data.prompt_column)
         text = TextCache(self.text_encoder, prompts + [negative], text_len)
         return PromptBatches(prompts, text, negative, cfg.data.seed, self.accelerator.process_index,
-                             self.accelerator.num_processes, self.vae, self.image_encoder, world)
+                             self.accelerator.num_processes, self.vae, self.image_encoder, world, images)
 
     # ---- one iteration ----------------------------------------------------------------------------------------
     def _batch(self, step: int, micro: int, phase: int) -> tuple[Cond, Cond, torch.Tensor, torch.Generator]:

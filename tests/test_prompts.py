@@ -1,0 +1,96 @@
+"""Prompt sources of distillation (text file, .txt folder, datasets folder, json/jsonl/csv/parquet), I2V
+prompt/image pairs, and DMD runs that read them (T2V prompts; I2V with images of any size, batch 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from distill.config import load_train_config
+from distill.prompts import load_prompt_images, load_prompts
+from train import trainer_for
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle moving left", "a blue square moving up", "a cyan triangle moving down"]
+SMALL = ["data.num_frames=5", "data.height=32", "data.width=32", "num_threads=1", "logging.every=1",
+         "logging.sample_prompts=[]", "checkpoint.every=100", "batch_size=2", "max_steps=2",
+         "dmd.dfake_gen_update_ratio=1"]
+
+
+def test_every_prompt_source_reads_the_same_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, p in enumerate(PROMPTS):
+        (folder / f"{i:03d}.txt").write_text(p + "\n")
+    rows = [{"prompt": p, "other": i} for i, p in enumerate(PROMPTS)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.csv").write_text("prompt,other\n" + "".join(f"{p},{i}\n" for i, p in enumerate(PROMPTS)))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    for source in ("p.txt", "folder", "p.jsonl", "p.csv", "p.parquet", "ds"):
+        assert load_prompts(tmp_path / source) == PROMPTS, source
+
+
+def test_prompt_source_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_prompts(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        load_prompts(tmp_path / "p.jsonl")
+
+
+def write_pairs(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, p in enumerate(PROMPTS):
+        img = rng.integers(0, 255, size=(40 + 8 * i, 56, 3), dtype=np.uint8)  # any size: resized to the latent grid
+        imageio.imwrite(root / f"img{i}.png", img)
+        rows.append({"prompt": p, "image": f"img{i}.png"})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_image_pairs_resolve_relative_paths(tmp_path):
+    prompts, images = load_prompt_images(write_pairs(tmp_path))
+    assert prompts == PROMPTS and all(Path(p).is_file() and Path(p).is_absolute() for p in images)
+    (tmp_path / "img1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="img1.png"):
+        load_prompt_images(tmp_path / "pairs.jsonl")
+
+
+def test_dmd_reads_a_prompt_file(tmp_path, tiny_t2v_dir, one_thread):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
+    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+                            [f"run_dir={tmp_path}/run", f"output_model={tmp_path}/out", f"model.path={tiny_t2v_dir}",
+                             "data.source=prompts", f"data.prompt_path={tmp_path}/p.txt", *SMALL])
+    trainer = trainer_for(cfg)
+    _, _, prompts = trainer.data.get(0, 0, 1, 2, trainer.latent_shape)
+    assert set(prompts) <= set(PROMPTS)
+    trainer.train()
+    assert (tmp_path / "out" / "distill_models" / "distill_model.safetensors").is_file()
+
+
+def test_i2v_dmd_reads_prompt_image_pairs(tmp_path, tiny_i2v_dir, one_thread):
+    pairs = write_pairs(tmp_path)
+    cfg = load_train_config(REPO / "configs/tiny/i2v_dmd.yaml",
+                            [f"run_dir={tmp_path}/run", f"output_model={tmp_path}/out", f"model.path={tiny_i2v_dir}",
+                             "data.source=prompts", f"data.prompt_path={pairs}", *SMALL])
+    trainer = trainer_for(cfg)
+    cond, uncond, _ = trainer.data.get(0, 0, 1, 2, trainer.latent_shape)
+    z, f, h, w = trainer.latent_shape
+    assert cond.y.shape == (2, 4 + z, f, h, w) and cond.clip_fea.shape[0] == 2
+    assert (cond.y == uncond.y).all() and (cond.y[:, :4, 0] == 1).all() and (cond.y[:, :4, 1:] == 0).all()
+    trainer.train()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["critic_loss"]) for m in metrics)
