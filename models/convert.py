@@ -1,18 +1,23 @@
-"""Name conversion between the official Wan2.1 DiT and diffusers' `WanTransformer3DModel`.
+"""Name conversion between the official Wan2.1 models and diffusers: the DiT <-> `WanTransformer3DModel`, the
+VAE <-> `AutoencoderKLWan`.
 
-The rename table of wan21.md ("diffusers rename table"), written as ordered regex rules that only match whole
+DiT: the rename table of wan21.md ("diffusers rename table"), written as ordered regex rules that only match whole
 dotted segments, so they work on parameter names (`blocks.0.self_attn.q.weight`), module names
 (`blocks.0.self_attn.q`, used for LoRA targets) and names with a prefix (`diffusion_model.blocks.0...`,
 `transformer.blocks.0...`). The norm2 <-> norm3 swap inside a block is done in one pass.
 
     to_diffusers_key("blocks.3.cross_attn.k_img.weight") == "blocks.3.attn2.add_k_proj.weight"
     from_diffusers_key("scale_shift_table") == "head.modulation"
+
+VAE: `to_diffusers_vae_state_dict` / `from_diffusers_vae_state_dict` rename a whole state dict (the decoder's flat
+`upsamples.<n>` list becomes per-level `up_blocks`, read off the keys, so any width/depth converts); diffusers'
+`AutoencoderKLWan` is the parity reference in tests/test_vae.py.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -111,4 +116,122 @@ def diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
         out.update(image_dim=config.get("clip_dim", 1280), added_kv_proj_dim=dim)
     if config["model_type"] == "flf2v":
         out.update(pos_embed_seq_len=2 * 257)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# VAE key names: official (`models.vae.WanVAE`) <-> diffusers `AutoencoderKLWan`.
+# The decoder is the only irregular part: the official flat `decoder.upsamples.<n>` list becomes
+# `decoder.up_blocks.<level>.resnets.<j>` / `.upsamplers.0`; the level layout is read off the keys themselves,
+# so the rename works for any width/depth.
+
+_VAE_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+_VAE_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
+_VAE_HEAD = {"0": "norm_out", "2": "conv_out"}
+_VAE_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+                 "shortcut": "conv_shortcut"}
+
+
+def _vae_rename_inside_block(rest: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def _vae_decoder_levels(keys: Iterable[str]) -> dict[int, str]:
+    """Official `decoder.upsamples.<n>` -> diffusers `up_blocks.<level>.resnets.<j>` / `.upsamplers.0`."""
+    kinds: dict[int, str] = {}
+    for key in keys:
+        m = re.match(r"decoder\.upsamples\.(\d+)\.([a-z_]+)", key)
+        if m:
+            part = m.group(2)
+            kind = "resample" if part in ("resample", "time_conv") else "attention" if part in (
+                "norm", "to_qkv", "proj") else "residual"
+            kinds[int(m.group(1))] = kind
+    out, level, j = {}, 0, 0
+    for n in sorted(kinds):
+        if kinds[n] == "attention":
+            raise ValueError("diffusers' AutoencoderKLWan has no attention in the decoder's up blocks "
+                             "(attn_scales must be empty for this conversion)")
+        if kinds[n] == "residual":
+            out[n], j = f"up_blocks.{level}.resnets.{j}", j + 1
+        else:
+            out[n], level, j = f"up_blocks.{level}.upsamplers.0", level + 1, 0
+    return out
+
+
+def _vae_to_diffusers_key(key: str, levels: Mapping[int, str]) -> str:
+    parts = key.split(".")
+    if parts[0] in _VAE_TOP:
+        return ".".join([_VAE_TOP[parts[0]], *parts[1:]])
+    side, group = parts[0], parts[1]
+    if group == "conv1":
+        return ".".join([side, "conv_in", *parts[2:]])
+    if group == "head":
+        return ".".join([side, _VAE_HEAD[parts[2]], *parts[3:]])
+    if group == "middle":
+        block, rest = f"mid_block.{_VAE_MIDDLE[parts[2]]}", ".".join(parts[3:])
+    elif group == "downsamples":
+        block, rest = f"down_blocks.{parts[2]}", ".".join(parts[3:])
+    elif group == "upsamples":
+        block, rest = levels[int(parts[2])], ".".join(parts[3:])
+    else:
+        raise KeyError(f"not a Wan2.1 VAE key: {key}")
+    return f"{side}.{block}.{_vae_rename_inside_block(rest, _VAE_RESIDUAL)}"
+
+
+def to_diffusers_vae_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official Wan2.1 VAE state dict (`Wan2.1_VAE.pth`, `WanVAE().state_dict()`) -> diffusers
+    `AutoencoderKLWan` names."""
+    levels = _vae_decoder_levels(state_dict)
+    return {_vae_to_diffusers_key(k, levels): v for k, v in state_dict.items()}
+
+
+def from_diffusers_vae_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers `AutoencoderKLWan` state dict -> official Wan2.1 VAE keys (inverse of `to_diffusers_...`)."""
+    # Rebuild the flat decoder index: level L holds its resnets, then its upsampler.
+    resnets: dict[int, set[int]] = {}
+    upsampler: set[int] = set()
+    for key in state_dict:
+        m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.", key)
+        if m:
+            level = int(m.group(1))
+            resnets.setdefault(level, set())
+            if m.group(3) is not None:
+                resnets[level].add(int(m.group(3)))
+            else:
+                upsampler.add(level)
+    flat: dict[str, int] = {}
+    n = 0
+    for level in sorted(resnets):
+        for j in sorted(resnets[level]):
+            flat[f"up_blocks.{level}.resnets.{j}"], n = n, n + 1
+        if level in upsampler:
+            flat[f"up_blocks.{level}.upsamplers.0"], n = n, n + 1
+    inverse = {v: k for k, v in _VAE_RESIDUAL.items()}
+    top = {v: k for k, v in _VAE_TOP.items()}
+    middle = {v: k for k, v in _VAE_MIDDLE.items()}
+    head = {v: k for k, v in _VAE_HEAD.items()}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] in top:
+            new = ".".join([top[parts[0]], *parts[1:]])
+        elif parts[1] == "conv_in":
+            new = ".".join([parts[0], "conv1", *parts[2:]])
+        elif parts[1] in head:
+            new = ".".join([parts[0], "head", head[parts[1]], *parts[2:]])
+        else:
+            if parts[1] == "mid_block":
+                block, rest = f"middle.{middle['.'.join(parts[2:4])]}", parts[4:]
+            elif parts[1] == "down_blocks":
+                block, rest = f"downsamples.{parts[2]}", parts[3:]
+            elif parts[1] == "up_blocks":
+                # up_blocks.<level>.resnets.<j>.* or up_blocks.<level>.upsamplers.0.*
+                block, rest = f"upsamples.{flat['.'.join(parts[1:5])]}", parts[5:]
+            else:
+                raise KeyError(f"not a diffusers AutoencoderKLWan key: {key}")
+            new = f"{parts[0]}.{block}.{_vae_rename_inside_block('.'.join(rest), inverse)}"
+        out[new] = value
     return out

@@ -8,8 +8,8 @@ from one chunk to the next, so memory stays flat in the video length and the res
 
 The state dict is the official one (a plain dict of the inner `WanVAE_` module: `encoder.*`, `conv1.*`,
 `conv2.*`, `decoder.*`; 194 tensors, 126.9M parameters at the default size). The latent mean/std are
-non-persistent buffers. `to_diffusers_vae_state_dict` / `from_diffusers_vae_state_dict` rename the keys to and
-from diffusers' `AutoencoderKLWan` (the parity reference in tests/test_vae.py).
+non-persistent buffers. `models.convert.to_diffusers_vae_state_dict` / `from_diffusers_vae_state_dict` rename
+the keys to and from diffusers' `AutoencoderKLWan` (the parity reference in tests/test_vae.py).
 
     vae = WanVAE()                                       # dim 96, z_dim 16: the real size
     tiny = WanVAE(dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)   # CPU tests
@@ -19,8 +19,7 @@ from diffusers' `AutoencoderKLWan` (the parity reference in tests/test_vae.py).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -385,121 +384,3 @@ class WanVAE(nn.Module):
         for start in range(0, z.shape[2], frames_per_chunk):
             out.append(self.decoder(z[:, :, start:start + frames_per_chunk], cache).float().clamp(-1.0, 1.0))
         return torch.cat(out, dim=2)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Key names: official (this module) <-> diffusers `AutoencoderKLWan`.
-# The decoder is the only irregular part: the official flat `decoder.upsamples.<n>` list becomes
-# `decoder.up_blocks.<level>.resnets.<j>` / `.upsamplers.0`; the level layout is read off the keys themselves,
-# so the rename works for any width/depth.
-
-_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
-_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
-_HEAD = {"0": "norm_out", "2": "conv_out"}
-_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
-             "shortcut": "conv_shortcut"}
-
-
-def _rename_inside_block(rest: str, table: Mapping[str, str]) -> str:
-    for old, new in table.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
-    return rest
-
-
-def _decoder_levels(keys: Iterable[str]) -> dict[int, str]:
-    """Official `decoder.upsamples.<n>` -> diffusers `up_blocks.<level>.resnets.<j>` / `.upsamplers.0`."""
-    kinds: dict[int, str] = {}
-    for key in keys:
-        m = re.match(r"decoder\.upsamples\.(\d+)\.([a-z_]+)", key)
-        if m:
-            part = m.group(2)
-            kind = "resample" if part in ("resample", "time_conv") else "attention" if part in (
-                "norm", "to_qkv", "proj") else "residual"
-            kinds[int(m.group(1))] = kind
-    out, level, j = {}, 0, 0
-    for n in sorted(kinds):
-        if kinds[n] == "attention":
-            raise ValueError("diffusers' AutoencoderKLWan has no attention in the decoder's up blocks "
-                             "(attn_scales must be empty for this conversion)")
-        if kinds[n] == "residual":
-            out[n], j = f"up_blocks.{level}.resnets.{j}", j + 1
-        else:
-            out[n], level, j = f"up_blocks.{level}.upsamplers.0", level + 1, 0
-    return out
-
-
-def _to_diffusers_key(key: str, levels: Mapping[int, str]) -> str:
-    parts = key.split(".")
-    if parts[0] in _TOP:
-        return ".".join([_TOP[parts[0]], *parts[1:]])
-    side, group = parts[0], parts[1]
-    if group == "conv1":
-        return ".".join([side, "conv_in", *parts[2:]])
-    if group == "head":
-        return ".".join([side, _HEAD[parts[2]], *parts[3:]])
-    if group == "middle":
-        block, rest = f"mid_block.{_MIDDLE[parts[2]]}", ".".join(parts[3:])
-    elif group == "downsamples":
-        block, rest = f"down_blocks.{parts[2]}", ".".join(parts[3:])
-    elif group == "upsamples":
-        block, rest = levels[int(parts[2])], ".".join(parts[3:])
-    else:
-        raise KeyError(f"not a Wan2.1 VAE key: {key}")
-    return f"{side}.{block}.{_rename_inside_block(rest, _RESIDUAL)}"
-
-
-def to_diffusers_vae_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Official Wan2.1 VAE state dict (`Wan2.1_VAE.pth`, `WanVAE().state_dict()`) -> diffusers
-    `AutoencoderKLWan` names."""
-    levels = _decoder_levels(state_dict)
-    return {_to_diffusers_key(k, levels): v for k, v in state_dict.items()}
-
-
-def from_diffusers_vae_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """diffusers `AutoencoderKLWan` state dict -> official Wan2.1 VAE keys (inverse of `to_diffusers_...`)."""
-    # Rebuild the flat decoder index: level L holds its resnets, then its upsampler.
-    resnets: dict[int, set[int]] = {}
-    upsampler: set[int] = set()
-    for key in state_dict:
-        m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.", key)
-        if m:
-            level = int(m.group(1))
-            resnets.setdefault(level, set())
-            if m.group(3) is not None:
-                resnets[level].add(int(m.group(3)))
-            else:
-                upsampler.add(level)
-    flat: dict[str, int] = {}
-    n = 0
-    for level in sorted(resnets):
-        for j in sorted(resnets[level]):
-            flat[f"up_blocks.{level}.resnets.{j}"], n = n, n + 1
-        if level in upsampler:
-            flat[f"up_blocks.{level}.upsamplers.0"], n = n, n + 1
-    inverse = {v: k for k, v in _RESIDUAL.items()}
-    top = {v: k for k, v in _TOP.items()}
-    middle = {v: k for k, v in _MIDDLE.items()}
-    head = {v: k for k, v in _HEAD.items()}
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] in top:
-            new = ".".join([top[parts[0]], *parts[1:]])
-        elif parts[1] == "conv_in":
-            new = ".".join([parts[0], "conv1", *parts[2:]])
-        elif parts[1] in head:
-            new = ".".join([parts[0], "head", head[parts[1]], *parts[2:]])
-        else:
-            if parts[1] == "mid_block":
-                block, rest = f"middle.{middle['.'.join(parts[2:4])]}", parts[4:]
-            elif parts[1] == "down_blocks":
-                block, rest = f"downsamples.{parts[2]}", parts[3:]
-            elif parts[1] == "up_blocks":
-                # up_blocks.<level>.resnets.<j>.* or up_blocks.<level>.upsamplers.0.*
-                block, rest = f"upsamples.{flat['.'.join(parts[1:5])]}", parts[5:]
-            else:
-                raise KeyError(f"not a diffusers AutoencoderKLWan key: {key}")
-            new = f"{parts[0]}.{block}.{_rename_inside_block('.'.join(rest), inverse)}"
-        out[new] = value
-    return out

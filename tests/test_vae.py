@@ -8,13 +8,8 @@ import json
 import pytest
 import torch
 
-from models.vae import (
-    WAN21_LATENT_MEAN,
-    WAN21_LATENT_STD,
-    WanVAE,
-    from_diffusers_vae_state_dict,
-    to_diffusers_vae_state_dict,
-)
+from models.convert import from_diffusers_vae_state_dict, to_diffusers_vae_state_dict
+from models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
 
 diffusers = pytest.importorskip("diffusers")
 
