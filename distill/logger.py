@@ -21,6 +21,7 @@ class MetricsLogger:
         self.every = cfg.logging.every
         self.bar: tqdm | None = None
         self.wandb = None
+        self.pending: dict[str, list[float]] = {}  # metrics since the last written row (e.g. generator steps)
         if not enabled:
             return
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
@@ -44,9 +45,15 @@ class MetricsLogger:
             return
         if self.bar is not None:
             self.bar.update(1)
+        for k, v in metrics.items():
+            self.pending.setdefault(k, []).append(float(v))
         if step % self.every and step != self.cfg.max_steps:
             return
-        row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
+        # Each row holds the mean of every metric over the steps since the previous row, so metrics that only
+        # some steps produce (the generator's, every dfake_gen_update_ratio steps) are never dropped.
+        metrics = {k: sum(v) / len(v) for k, v in self.pending.items()}
+        self.pending = {}
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
         if self.bar is not None:
