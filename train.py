@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         from distill.plan import estimate
 
         print(to_yaml(cfg))
-        print(f"estimate per process ({cfg.task}, batch {cfg.batch_size} x accum {cfg.grad_accum}):")
-        print(estimate(cfg).table())
+        # The estimate is printed as YAML comments, so the output stays a loadable config.
+        table = f"estimate per process ({cfg.task}, batch {cfg.batch_size} x accum {cfg.grad_accum}):\n"
+        print("\n".join(f"# {line}" for line in (table + estimate(cfg).table()).splitlines()))
         return 0
     out = trainer_for(cfg).train()
     if out is not None:

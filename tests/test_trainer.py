@@ -151,7 +151,11 @@ def test_train_py_dry_run_prints_resolved_yaml():
     assert printed["task"] == "dmd" and printed["max_steps"] == 7 and printed["optim"]["lr"] == 0.001
     assert printed["dmd"]["t_max"] == 980.0  # defaults are part of the resolved config
     cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", ["optim.lr=0.001", "max_steps=7"])
-    assert out.stdout.strip() == to_yaml(cfg).strip()
+    body = "\n".join(line for line in out.stdout.splitlines() if not line.startswith("#"))
+    assert body.strip() == to_yaml(cfg).strip()
+    estimate = [line for line in out.stdout.splitlines() if line.startswith("#")]
+    assert any("peak (estimate)" in line and "GiB" in line for line in estimate)
+    assert any("DiT parameters" in line for line in estimate) and any("TFLOP" in line for line in estimate)
 
 
 def test_train_py_exit_code_2_on_bad_config(capsys):
