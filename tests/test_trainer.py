@@ -652,3 +652,13 @@ def test_extract_lora_rank_r_exact_and_eckart_young():
     assert not errors and p + "blocks.0.self_attn.q.diff" in lora
     with pytest.raises(ValueError, match="differ in keys"):
         extract_lora(base, {**tuned, "extra.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name,billions", [("t2v_1.3b_dmd", "1.419"), ("t2v_14b_dmd", "14.288"),
+                                           ("i2v_14b_480p_dmd", "16.395")])
+def test_real_size_configs_pass_dry_run(name, billions):
+    """Real-size configs resolve without weights (sizes from the registry spec) and plan the right model."""
+    out = subprocess.run([sys.executable, "train.py", "--config", f"configs/wan_distill/{name}.yaml", "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"DiT parameters: {billions} B; tokens per sample: 32760" in out.stdout
