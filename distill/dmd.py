@@ -28,7 +28,6 @@ from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
 from inference.pipeline import WanPipeline
 from inference.sampling import backward_simulation
 from inference.schedulers import DistillScheduler
-from inference.video import save_video
 from models.components import copy_components, load_dit, load_encoders
 from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
 
@@ -168,15 +167,8 @@ class DMDTrainer(Trainer):
         prompts = self.cfg.logging.sample_prompts
         if not prompts:
             return
-        pipe = WanPipeline(self.infer_config(), self.student(ema=step > self.cfg.dmd.ema_start), self.vae,
-                           self.text_encoder, self.image_encoder)
-        image = None
-        if self.task == "i2v":
-            world = ShapesWorld(self.cfg.data.num_frames, self.cfg.data.height, self.cfg.data.width)
-            image = [world.render(p, self.cfg.logging.sample_seed)[0] for p in prompts]
-        for i, video in enumerate(pipe.generate(prompts, image=image)):
-            path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
-            self.logger.video(step, f"sample_{i}", path)
+        self.write_samples(step, WanPipeline(self.infer_config(), self.student(ema=step > self.cfg.dmd.ema_start),
+                                             self.vae, self.text_encoder, self.image_encoder))
 
     def export(self) -> Path:
         """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors."""

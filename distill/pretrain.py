@@ -19,7 +19,6 @@ from distill.losses import flow_matching_loss
 from distill.trainer import Trainer
 from inference.config import InferConfig
 from inference.pipeline import WanPipeline
-from inference.video import save_video
 from models.components import build_dit, copy_components, load_dit, load_encoders
 from models.loading import write_dit_folder
 from models.registry import get_spec
@@ -119,15 +118,8 @@ class PretrainTrainer(Trainer):
                            sample_guide_scale=cfg.logging.sample_guide_scale, sample_neg_prompt="",
                            target_video_length=cfg.data.num_frames, target_height=cfg.data.height,
                            target_width=cfg.data.width, seed=cfg.logging.sample_seed)
-        pipe = WanPipeline(icfg, self.ema_model(), self.vae, self.text_encoder, self.image_encoder)
-        image = None
-        if self.task == "i2v":
-            world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-            image = [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
-        videos = pipe.generate(prompts, image=image)
-        for i, video in enumerate(videos):
-            path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
-            self.logger.video(step, f"sample_{i}", path)
+        self.write_samples(step, WanPipeline(icfg, self.ema_model(), self.vae, self.text_encoder,
+                                             self.image_encoder))
 
     def export(self) -> Path:
         out = Path(self.cfg.output_model or self.run_dir / "model")

@@ -68,6 +68,22 @@ class Trainer:
     def sample(self, step: int) -> None:
         """Write sample videos (rank 0). Default: nothing."""
 
+    def write_samples(self, step: int, pipe) -> None:
+        """Generate `logging.sample_prompts` with `pipe` from fixed seeds and log the mp4 files (I2V: the shapes
+        world's first frame of each prompt at the sample seed is the conditioning image)."""
+        from data.shapes import ShapesWorld
+        from inference.video import save_video
+
+        cfg = self.cfg
+        prompts = cfg.logging.sample_prompts
+        image = None
+        if pipe.cfg.task == "i2v":
+            world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+            image = [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
+        for i, video in enumerate(pipe.generate(prompts, image=image)):
+            path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
+            self.logger.video(step, f"sample_{i}", path)
+
     # ---- machinery ------------------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
