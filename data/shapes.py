@@ -163,9 +163,13 @@ class ShapesWorld:
         """uint8 [F, H, W, 3] video of `prompt` for `seed`."""
         return self.render_params(self.params(prompt, seed))
 
+    def sample_prompt(self, seed: int) -> str:
+        """The random prompt of `sample(seed)`, without rendering the video."""
+        return PROMPTS[int(np.random.default_rng([int(seed), 1 << 20]).integers(len(PROMPTS)))]
+
     def sample(self, seed: int) -> tuple[str, np.ndarray]:
         """A random prompt and its video (deterministic given `seed`)."""
-        prompt = PROMPTS[int(np.random.default_rng([int(seed), 1 << 20]).integers(len(PROMPTS)))]
+        prompt = self.sample_prompt(seed)
         return prompt, self.render(prompt, seed)
 
     def sample_i2v(self, seed: int) -> tuple[str, np.ndarray, np.ndarray]:

@@ -93,9 +93,8 @@ class PromptBatches:
         index = ((step * accum + micro) * self.world_size + self.rank) * batch
         rng = np.random.default_rng([self.seed, index])
         seeds = [self.seed * 1_000_003 + index + i for i in range(batch)]
-        if self.world is not None:  # shapes: prompts (and images) from the world's own sampler
-            samples = [self.world.sample(s) for s in seeds]
-            prompts = [p for p, _ in samples]
+        if self.world is not None:  # shapes: prompts from the world's own sampler (videos only for I2V images)
+            prompts = [self.world.sample_prompt(s) for s in seeds]
         else:
             rows = rng.integers(len(self.prompts), size=batch)
             prompts = [self.prompts[i] for i in rows]
@@ -103,7 +102,7 @@ class PromptBatches:
         uncond = Cond(self.text([self.negative] * batch))
         if self.image_encoder is not None:
             if self.world is not None:
-                frames = [v[0] for _, v in samples]
+                frames = [self.world.render(p, s)[0] for p, s in zip(prompts, seeds)]
             else:  # image files, resized to the training size (image_condition resizes to the latent grid)
                 frames = [read_image(self.image_paths[i]) for i in rows]
             _, _, h, w = latent_shape
