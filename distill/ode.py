@@ -2,7 +2,7 @@
 
 1. Trajectories: the teacher (CFG, Euler on a fine grid that passes *exactly* through the student's warped
    sigmas — the anchors stored states at mismatched timesteps) integrates from noise; the states at the
-   student's sigmas and the clean endpoint are stored as safetensors shards `<trajectories>/shard_00000.safetensors`, ...
+   student's sigmas and the clean endpoint are stored as safetensors shards `<trajectories>/shard_00000.safetensors` ...
    (`states` [n, K+1, C, F, H, W]; prompts and I2V inputs alongside). Generation is resumable: finished
    shards are skipped, each shard is written atomically.
 2. Regression: pick a trajectory and a student step k, predict x0 from the stored state with the generator,
