@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+LORA_TARGETS = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)", r"blocks\.\d+\.ffn\.(0|2)")
+
 TASKS = ("pretrain", "ode", "dmd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -96,6 +98,16 @@ class ODEConfig:
 
 
 @dataclass
+class LoRATrainConfig:
+    """LoRA-mode DMD (distill/adapters.py): generator and critic are adapters on one frozen, shared teacher."""
+
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 64.0  # update scale alpha / rank
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # regexes, full module names
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 2
@@ -134,6 +146,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -169,6 +182,15 @@ class TrainConfig:
             raise ValueError(f"dmd.t_min/t_max must satisfy 0 <= t_min < t_max <= 1000, got "
                              f"{self.dmd.t_min}/{self.dmd.t_max}")
         _choice("dmd.real_score_dtype", self.dmd.real_score_dtype, ("fp32", "bf16"))
+        if self.lora.enabled:
+            if self.task != "dmd":
+                raise ValueError(f"lora.enabled is for task dmd (generator and critic adapters), not {self.task}")
+            if self.model.generator_init is not None:
+                raise ValueError("lora.enabled: the generator starts as the teacher plus a zero adapter; unset "
+                                 "model.generator_init (or merge the ODE init into model.path first)")
+            if self.lora.rank < 1 or not self.lora.target_modules:
+                raise ValueError(f"lora.rank must be >= 1 and lora.target_modules non-empty, got "
+                                 f"{self.lora.rank} / {self.lora.target_modules}")
         if self.model.path is None and self.model.components_path is None:
             raise ValueError("set model.path (a Wan-style folder) or model.components_path (VAE/text encoders "
                              "for a DiT trained from scratch)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from data.shapes import PROMPTS, ShapesWorld
+from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.data import PromptBatches, TextCache
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
@@ -43,26 +44,35 @@ class DMDTrainer(Trainer):
         teacher = Path(cfg.model.path)
         real = load_dit(teacher, dtype=torch.float32)
         self.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
-        init = cfg.model.generator_init
-        gen = load_dit(init, distill=True, dtype=torch.float32) if init else copy.deepcopy(real)
-        critic = copy.deepcopy(real)
         self.components_path = Path(cfg.model.components_path or teacher)
         self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task,
                                                                          real.text_len)
         dtype = torch.bfloat16 if cfg.dmd.real_score_dtype == "bf16" else torch.float32
-        self.real_score = real.to(self.device, dtype).eval().requires_grad_(False)
+        if cfg.lora.enabled:  # one frozen base shared by all three networks; adapters train (fp32)
+            self.real_score = real.to(self.device, dtype).eval().requires_grad_(False)
+            gen, critic = (with_lora(self.real_score, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+                           for _ in range(2))
+        else:
+            init = cfg.model.generator_init
+            gen = load_dit(init, distill=True, dtype=torch.float32) if init else copy.deepcopy(real)
+            critic = copy.deepcopy(real)
+            self.real_score = real.to(self.device, dtype).eval().requires_grad_(False)
+            gen.requires_grad_(True)
+            critic.requires_grad_(True)
         for net in (gen, critic):
-            net.train().requires_grad_(True)
+            net.train()
             net.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
         betas = tuple(cfg.optim.betas)
-        opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.dmd.lr_critic, betas=betas,
+        trainable = lambda net: [p for p in net.parameters() if p.requires_grad]  # noqa: E731
+        opt_g = torch.optim.AdamW(trainable(gen), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
+        opt_c = torch.optim.AdamW(trainable(critic), lr=cfg.dmd.lr_critic, betas=betas,
                                   weight_decay=cfg.optim.weight_decay)
         self.gen, self.critic, self.opt_g, self.opt_c = self.accelerator.prepare(gen, critic, opt_g, opt_c)
         self.networks = {"generator": self.gen, "critic": self.critic}
         self.optimizers = {"generator": self.opt_g, "critic": self.opt_c}
         self.extra_state = {"ema": self.ema}
+        self.trainable_only = cfg.lora.enabled  # checkpoints hold the adapters, not the shared base
         self.scheduler = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift, mode="lcm")
         self.latent_shape = self.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
         self.data = self._build_data(real.text_len)
@@ -150,7 +160,11 @@ class DMDTrainer(Trainer):
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     def student(self, ema: bool = True):
-        model = copy.deepcopy(self.unwrap(self.gen)).eval().requires_grad_(False)
+        """The generator as a plain DiT (EMA weights if `ema`); LoRA mode: adapters merged into the base."""
+        gen = self.unwrap(self.gen)
+        if self.cfg.lora.enabled:
+            return merged(gen, self.ema.state_dict() if ema else None).eval().requires_grad_(False)
+        model = copy.deepcopy(gen).eval().requires_grad_(False)
         if ema:
             self.ema.copy_to(model)
         return model
@@ -171,11 +185,17 @@ class DMDTrainer(Trainer):
                                              self.vae, self.text_encoder, self.image_encoder))
 
     def export(self) -> Path:
-        """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors."""
+        """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors; LoRA mode
+        adds the generator's adapter as a LightX2V LoRA, `lora/distill_lora_r<rank>.safetensors` (no SVD)."""
         out = Path(self.cfg.output_model or self.run_dir / "model")
-        student = self.student(ema=self.step > self.cfg.dmd.ema_start)
-        write_dit_folder(out, student, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        use_ema = self.step > self.cfg.dmd.ema_start
+        write_dit_folder(out, self.student(ema=use_ema), weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
         copy_components(self.components_path, out)
+        if self.cfg.lora.enabled:
+            lora = lightx2v_lora(self.unwrap(self.gen), self.ema.state_dict() if use_ema else None)
+            path = write_safetensors(lora, out / "lora" / f"distill_lora_r{self.cfg.lora.rank}.safetensors",
+                                     metadata={"rank": str(self.cfg.lora.rank), "format": "lightx2v"})
+            self.logger.event(self.step, f"exported the generator's adapter to {path}")
         self.logger.event(self.step, f"exported student to {out}")
         return out
 

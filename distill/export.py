@@ -6,6 +6,8 @@
 
 - pretrain runs -> a Wan-style folder with `diffusion_pytorch_model.safetensors` (the teacher);
 - dmd/ode runs -> `distill_models/distill_model.safetensors` (official Wan keys) + config.json + components;
+- LoRA-mode dmd runs (`lora.enabled`): the adapters merged into the teacher; `--lora` writes the adapter itself
+  (exact, its own rank and alpha);
 - `--lora`: a rank-r LoRA of (student - teacher) in the LightX2V format (dmd.md "LoRA outputs"): 2-D weights
   with >= `--lora-min-numel` entries as `diffusion_model.<name>.lora_up/lora_down.weight` from a truncated SVD
   (up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T, no alpha), all other changed tensors as full differences
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.checkpoint import latest_checkpoint
 from models.components import build_dit, copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, load_into, read_json, write_dit_folder, write_safetensors
@@ -93,6 +96,8 @@ def load_run_network(run: Path, checkpoint: Path | None, weights: str) -> tuple[
         raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
     name = "ema" if weights == "ema" else NETWORK[info["task"]]
     state = load_file(str(ckpt / f"{name}.safetensors"))
+    if info.get("lora", {}).get("enabled"):  # LoRA-mode DMD: adapters only; merge them into the teacher
+        return merged(lora_run_generator(info, state)), info
     if info["task"] == "pretrain":
         from models.registry import get_spec
 
@@ -104,6 +109,27 @@ def load_run_network(run: Path, checkpoint: Path | None, weights: str) -> tuple[
         raw = load_file(str(ckpt / f"{NETWORK[info['task']]}.safetensors"))
         state = {**raw, **state}
     return load_into(net, state, f"{ckpt}/{name}.safetensors"), info
+
+
+def lora_run_generator(info: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The teacher with the run's adapters (LoRA-mode DMD), loaded with the checkpoint's adapter `state`."""
+    lora = info["lora"]
+    gen = with_lora(load_dit(info["model"]["path"]), lora["rank"], lora["alpha"], lora["target_modules"])
+    want = {k for k, p in gen.named_parameters() if p.requires_grad}
+    if want != set(state):
+        raise KeyError(f"the checkpoint's adapters do not match lora.rank/target_modules of the run: missing "
+                       f"{sorted(want - set(state))[:5]}, unexpected {sorted(set(state) - want)[:5]}")
+    gen.load_state_dict(state, strict=False)
+    return gen
+
+
+def lora_adapter_file(run: Path, checkpoint: Path | None, weights: str, info: dict) -> dict[str, torch.Tensor]:
+    """LightX2V tensors of a LoRA-mode run's generator adapter (EMA or raw)."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint or latest_checkpoint(run / "checkpoints")
+    state = load_file(str(ckpt / f"{'ema' if weights == 'ema' else 'generator'}.safetensors"))
+    return lightx2v_lora(lora_run_generator(info, state))
 
 
 def export(run: Path, out: Path, weights: str = "ema", checkpoint: Path | None = None, dtype: str = "bf16",
@@ -119,9 +145,13 @@ def export(run: Path, out: Path, weights: str = "ema", checkpoint: Path | None =
     if lora is not None:
         if info["task"] == "pretrain":
             raise ValueError("--lora needs a distillation run (dmd/ode): the LoRA is student - teacher")
-        base = load_dit(info["model"]["path"]).state_dict()
-        student = {k: v.to(DTYPES[dtype]) for k, v in net.state_dict().items()}  # the exported weights
-        tensors, errors = extract_lora(base, student, lora_rank, lora_min_numel)
+        if info.get("lora", {}).get("enabled"):  # the adapter itself: exact, no SVD
+            tensors, errors = lora_adapter_file(run, checkpoint, weights, info), {}
+            lora_rank = info["lora"]["rank"]
+        else:
+            base = load_dit(info["model"]["path"]).state_dict()
+            student = {k: v.to(DTYPES[dtype]) for k, v in net.state_dict().items()}  # the exported weights
+            tensors, errors = extract_lora(base, student, lora_rank, lora_min_numel)
         write_safetensors(tensors, lora, torch.bfloat16 if dtype == "bf16" else None,
                           metadata={"rank": str(lora_rank), "format": "lightx2v"})
         Path(lora).with_suffix(".errors.json").write_text(json.dumps(errors, indent=1))

@@ -48,6 +48,7 @@ class Trainer:
         self.networks: dict[str, nn.Module] = {}  # trainable networks saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}  # e.g. EMA, by name -> object with state_dict/load_state_dict
+        self.trainable_only = False  # checkpoints keep only parameters that train (LoRA mode: the adapters)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -137,8 +138,29 @@ class Trainer:
         values = self.accelerator.reduce(values, "mean")
         return dict(zip(metrics, values.tolist()))
 
+    def network_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        net = self.unwrap(net)
+        if self.trainable_only:
+            return {k: p for k, p in net.named_parameters() if p.requires_grad}
+        return net.state_dict()
+
+    def load_network_state(self, net: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+        net = self.unwrap(net)
+        if not self.trainable_only:
+            net.load_state_dict(state)
+            return
+        want = {k: p.shape for k, p in net.named_parameters() if p.requires_grad}
+        got = {k: v.shape for k, v in state.items()}
+        if want != got:
+            diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            raise KeyError(f"{where}: the checkpoint's trainable tensors do not match the model's: "
+                           + ", ".join(f"{k} {tuple(got[k]) if k in got else 'missing'} vs model "
+                                       f"{tuple(want[k]) if k in want else 'absent'}" for k in diff[:4])
+                           + f" ({len(diff)} in all); was it written with other lora.rank / lora.target_modules?")
+        net.load_state_dict(state, strict=False)
+
     def state_for_checkpoint(self) -> tuple[dict, dict, dict]:
-        nets = {k: self.unwrap(v).state_dict() for k, v in self.networks.items()}
+        nets = {k: self.network_state(v) for k, v in self.networks.items()}
         nets.update({k: v.state_dict() for k, v in self.extra_state.items()})
         optim = {k: v.state_dict() for k, v in self.optimizers.items()}
         return nets, optim, {"data_position": self.step}
@@ -161,7 +183,7 @@ class Trainer:
         names = list(self.networks) + list(self.extra_state)
         nets, optim, state = load_checkpoint(path, names)
         for k, net in self.networks.items():
-            self.unwrap(net).load_state_dict(nets[k])
+            self.load_network_state(net, nets[k], f"{path}/{k}.safetensors")
         for k, obj in self.extra_state.items():
             obj.load_state_dict(nets[k])
         for k, opt in self.optimizers.items():

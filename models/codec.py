@@ -141,9 +141,19 @@ def _pca(blocks: list[torch.Tensor], n_blank: int, z_dim: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def fit_pca_codec(videos: np.ndarray | torch.Tensor, z_dim: int = 32, chunk: int = 64) -> PCACodec:
-    """Fit a `PCACodec` on uint8 videos [N, 1+4k, H, W, 3] (exact covariance over all blocks + SVD; seconds)."""
-    codec = PCACodec(z_dim)
+def fit_pca_codec(videos: np.ndarray | torch.Tensor, z_dim: int = 32, spatial_stride: int = 8,
+                  normalize: str = "channel", chunk: int = 64) -> PCACodec:
+    """Fit a `PCACodec` on uint8 videos [N, 1+4k, H, W, 3] (exact covariance over all blocks + SVD; seconds).
+
+    normalize="channel": every latent channel gets unit variance (Wan's per-channel latent std).
+    normalize="global": one std for all channels (their mean variance is 1), so the latent keeps PCA's
+    energy ordering and the latent MSE is the pixel MSE up to one constant (the basis is orthonormal): a
+    diffusion model trained on it spends its loss on the components that matter in pixels, and the
+    low-energy detail components are drowned by noise earlier than the coarse ones (coarse-to-fine).
+    """
+    if normalize not in ("channel", "global"):
+        raise ValueError(f"normalize must be 'channel' or 'global', got {normalize!r}")
+    codec = PCACodec(z_dim, spatial_stride=spatial_stride)
     kept: dict[str, list[torch.Tensor]] = {"first": [], "rest": []}
     blank = {"first": 0, "rest": 0}
     for i in range(0, len(videos), chunk):
@@ -161,5 +171,7 @@ def fit_pca_codec(videos: np.ndarray | torch.Tensor, z_dim: int = 32, chunk: int
         setattr(codec, f"mean{suffix}", mean)
         setattr(codec, f"basis{suffix}", basis)
         setattr(codec, f"lat_mean{suffix}", torch.zeros(z_dim))
+        if normalize == "global":
+            std = std.pow(2).mean().sqrt().expand(z_dim).clone()
         setattr(codec, f"lat_std{suffix}", std.clamp_min(1e-6))
     return codec

@@ -47,6 +47,9 @@ def reconstruction_metrics(codec: PCACodec, world: ShapesWorld, eval_seeds: int 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--z-dim", type=int, default=32, help="latent channels (values per DiT token = 4 z)")
+    p.add_argument("--spatial-stride", type=int, default=8, help="pixels per latent pixel along H and W")
+    p.add_argument("--normalize", choices=["channel", "global"], default="channel",
+                   help="latent std per channel or one for all")
     p.add_argument("--out", default=None, help="folder for codec.safetensors and codec_eval.json")
     p.add_argument("--videos", type=int, default=384, help="rendered clips the codec is fitted on")
     p.add_argument("--frames", type=int, default=17)
@@ -66,8 +69,9 @@ def main() -> None:
             world = ShapesWorld(args.frames, size, size)
             videos = fit_videos(world, args.videos, args.seed)
             for z in (int(z) for z in args.sweep.split(",")):
-                m = reconstruction_metrics(fit_pca_codec(videos, z), world, args.eval_seeds)
-                tokens = (size // 16) ** 2  # latent stride 8, DiT patch 2x2
+                m = reconstruction_metrics(fit_pca_codec(videos, z, args.spatial_stride, args.normalize), world,
+                                           args.eval_seeds)
+                tokens = (size // (2 * args.spatial_stride)) ** 2  # DiT patch 2x2
                 print(f"| {z} | {size}x{size} | {tokens} | {4 * z} | {m['joint_acc']:.3f} | {m['shape_acc']:.3f} "
                       f"| {m['valid_rate']:.3f} | {m['psnr']:.1f} |", flush=True)
         return
@@ -76,7 +80,7 @@ def main() -> None:
         p.error("--out is required unless --sweep is given")
     world = ShapesWorld(args.frames, args.height, args.width)
     t0 = time.perf_counter()
-    codec = fit_pca_codec(fit_videos(world, args.videos, args.seed), args.z_dim)
+    codec = fit_pca_codec(fit_videos(world, args.videos, args.seed), args.z_dim, args.spatial_stride, args.normalize)
     fit_s = time.perf_counter() - t0
     metrics = reconstruction_metrics(codec, world, args.eval_seeds)
     out = Path(args.out)
