@@ -6,7 +6,7 @@ PY := .venv/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .venv/.installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow lint clean webui test-browser webui-screenshot
 
 $(STAMP): pyproject.toml scripts/deps.py
 	test -x $(PY) || python3 -m venv .venv
@@ -25,6 +25,22 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The web UI on http://127.0.0.1:7860 (WEBUI_CONFIG=... for another model; see inference/webui.py).
+WEBUI_CONFIG ?= configs/tiny/t2v_distill_4step.json
+webui: $(STAMP)
+	$(PY) -m inference.webui --config $(WEBUI_CONFIG)
+
+# The real-browser test of the web UI: installs Chromium if missing, then runs it (a missing browser fails here).
+test-browser: $(STAMP)
+	bash scripts/install_browser.sh
+	WEBUI_BROWSER_REQUIRED=1 $(PY) -m pytest -m browser tests/test_webui.py
+
+# Regenerates the committed screenshot from the shipped tiny distilled model.
+webui-screenshot: $(STAMP)
+	bash scripts/install_browser.sh
+	WEBUI_BROWSER_REQUIRED=1 WEBUI_TEST_CONFIG=$(WEBUI_CONFIG) WEBUI_SCREENSHOT=benchmarks/results/webui_screenshot.png \
+		$(PY) -m pytest -m browser tests/test_webui.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the settings that differ from distill/config.py")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plan-gpus", type=int, default=1, help="--dry-run: plan for this many GPUs")
+    parser.add_argument("--plan-gpu-mem", type=float, default=80.0, help="--dry-run: GiB per GPU")
+    parser.add_argument("--plan-engine", default=None,
+                        help="--dry-run: ddp|zero2|fsdp|zero3|hybrid (default: distributed.engine, auto = ddp)")
+    parser.add_argument("--plan-offload", action="store_true",
+                        help="--dry-run: parameters, gradients, optimizer states and EMA in CPU memory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 max_steps=10")
     args = parser.parse_args(argv)
     try:
@@ -43,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from distill.plan import estimate
+        from distill.plan import GPU_RESERVE_GB, estimate
 
         print(to_yaml(cfg))
+        engine = args.plan_engine or (cfg.distributed.engine if cfg.distributed.engine != "auto" else "ddp")
+        plan = estimate(cfg, engine, args.plan_gpus, offload=args.plan_offload)
+        fits = plan.peak <= args.plan_gpu_mem - GPU_RESERVE_GB
+        table = (f"estimate per GPU ({cfg.task}, batch {cfg.batch_size} x accum {cfg.grad_accum}):\n{plan.table()}\n"
+                 f"fits {args.plan_gpus} x {args.plan_gpu_mem:.0f} GiB: {'yes' if fits else 'no'} "
+                 f"(peak {plan.peak:.1f} GiB, {GPU_RESERVE_GB:.0f} GiB reserved per GPU)")
         # The estimate is printed as YAML comments, so the output stays a loadable config.
-        table = f"estimate per process ({cfg.task}, batch {cfg.batch_size} x accum {cfg.grad_accum}):\n"
-        print("\n".join(f"# {line}" for line in (table + estimate(cfg).table()).splitlines()))
+        print("\n".join(f"# {line}" for line in table.splitlines()))
         return 0
     out = trainer_for(cfg).train()
     if out is not None:

@@ -57,15 +57,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
+def staging_dir(root: str | Path, step: int, fresh: bool = False) -> Path:
+    """The temporary folder checkpoint `step` is written into before the rename (`fresh`: emptied first).
+
+    Sharded engines (distill/engines.py) let every rank write its shards here, then `save_checkpoint(...,
+    staged=True)` adds the rest on rank 0 and renames."""
+    root = Path(root)
+    tmp = root / f".tmp_{_step_dir(root, step).name}"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(root: str | Path, step: int, networks: dict[str, dict[str, torch.Tensor]],
-                    optimizers: dict[str, dict], state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep` ones."""
+                    optimizers: dict[str, dict], state: dict[str, Any], keep: int, staged: bool = False) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep` ones (`staged`: keep what the
+    ranks already wrote into `staging_dir`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(root, step)
-    tmp = root / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(root, step, fresh=not staged)
     for name, sd in networks.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     torch.save(optimizers, tmp / "optim.pt")

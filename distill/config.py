@@ -18,6 +18,8 @@ LORA_TARGETS = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)", r
 
 TASKS = ("pretrain", "ode", "dmd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ENGINES = ("ddp", "fsdp", "hybrid", "zero2", "zero3")
+SHARDED_ENGINES = ENGINES[1:]
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -108,6 +110,16 @@ class LoRATrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the networks are spread over the processes (distill/engines.py)."""
+
+    # auto: the accelerate launch config's engine (configs/accelerate/*.yaml), ddp without one | ddp | fsdp
+    # (FSDP2 full shard) | hybrid (FSDP2 hybrid shard) | zero2 | zero3 (DeepSpeed); sharded engines: task dmd
+    engine: str = "auto"
+    shard_size: int = 0  # hybrid: processes per shard group (0: processes per node)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 2
@@ -147,6 +159,7 @@ class TrainConfig:
     dmd: DMDConfig = field(default_factory=DMDConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -191,6 +204,13 @@ class TrainConfig:
             if self.lora.rank < 1 or not self.lora.target_modules:
                 raise ValueError(f"lora.rank must be >= 1 and lora.target_modules non-empty, got "
                                  f"{self.lora.rank} / {self.lora.target_modules}")
+        _choice("distributed.engine", self.distributed.engine, ("auto", *ENGINES))
+        if self.distributed.engine in SHARDED_ENGINES and (self.task != "dmd" or self.lora.enabled):
+            raise ValueError(f"distributed.engine={self.distributed.engine} shards the three full DMD networks: it "
+                             f"needs task=dmd without lora.enabled (got task={self.task}, lora.enabled="
+                             f"{self.lora.enabled}); use distributed.engine=ddp")
+        if self.distributed.shard_size < 0:
+            raise ValueError(f"distributed.shard_size must be >= 0, got {self.distributed.shard_size}")
         if self.model.path is None and self.model.components_path is None:
             raise ValueError("set model.path (a Wan-style folder) or model.components_path (VAE/text encoders "
                              "for a DiT trained from scratch)")

@@ -11,7 +11,6 @@ the student's warped `denoising_step_list`, so training and inference see the sa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,18 @@ from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
 from inference.pipeline import WanPipeline
 from inference.sampling import backward_simulation
 from inference.schedulers import DistillScheduler
-from models.components import copy_components, load_dit, load_encoders
-from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
+from models.components import build_dit, copy_components, load_dit, load_encoders
+from models.loading import (
+    DISTILL_DIR,
+    DIT_CONFIG,
+    find_dit_weights,
+    load_into,
+    read_json,
+    read_sharded,
+    read_state_dict,
+    write_dit_folder,
+    write_safetensors,
+)
 
 
 def seeded(*key: int) -> torch.Generator:
@@ -40,6 +49,8 @@ def seeded(*key: int) -> torch.Generator:
 
 class DMDTrainer(Trainer):
     def build(self) -> None:
+        if self.engine:
+            return self._build_sharded()
         cfg = self.cfg
         teacher = Path(cfg.model.path)
         real = load_dit(teacher, dtype=torch.float32)
@@ -63,19 +74,60 @@ class DMDTrainer(Trainer):
             net.train()
             net.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
-        betas = tuple(cfg.optim.betas)
-        trainable = lambda net: [p for p in net.parameters() if p.requires_grad]  # noqa: E731
-        opt_g = torch.optim.AdamW(trainable(gen), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
-        opt_c = torch.optim.AdamW(trainable(critic), lr=cfg.dmd.lr_critic, betas=betas,
-                                  weight_decay=cfg.optim.weight_decay)
+        opt_g, opt_c = self._optimizer("generator")(gen.parameters()), self._optimizer("critic")(critic.parameters())
         self.gen, self.critic, self.opt_g, self.opt_c = self.accelerator.prepare(gen, critic, opt_g, opt_c)
+        self.trainable_only = cfg.lora.enabled  # checkpoints hold the adapters, not the shared base
+        self._finish_build(real.text_len)
+
+    def _optimizer(self, name: str):
+        """AdamW factory for `name` (generator: optim.lr, critic: dmd.lr_critic) over the trainable params."""
+        cfg = self.cfg
+        lr = cfg.optim.lr if name == "generator" else cfg.dmd.lr_critic
+        return lambda params: torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr,
+                                                betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+
+    def _build_sharded(self) -> None:
+        """The three networks under a sharded engine: rank 0 reads each network's weights, the other ranks build
+        meta skeletons, the engine shards them (distill/engines.py); the EMA tracks this rank's shards."""
+        cfg, engine = self.cfg, self.engine
+        teacher = Path(cfg.model.path)
+
+        def weights(folder: Path, distill: bool = False):
+            skeleton = build_dit(read_json(Path(folder) / DIT_CONFIG), "meta")
+            if not engine.is_loader:
+                return skeleton, None
+            src = find_dit_weights(Path(folder), distill, None)
+            state = read_sharded(Path(folder), dtype=torch.float32) if src.kind == "base" else \
+                read_state_dict(src.path, torch.float32)
+            return skeleton, state
+
+        real_dtype = torch.bfloat16 if cfg.dmd.real_score_dtype == "bf16" else torch.float32
+        skeleton, state = weights(teacher)
+        text_len, model_type = skeleton.text_len, skeleton.model_type
+        self.real_score = engine.frozen(skeleton, state, real_dtype)
+        init = cfg.model.generator_init
+        for name in ("generator", "critic"):
+            skeleton, state = weights(Path(init), distill=True) if name == "generator" and init else weights(teacher)
+            skeleton.gradient_checkpointing = cfg.model.gradient_checkpointing
+            net, opt = engine.trainable(name, skeleton.train(), state, self._optimizer(name),
+                                        cfg.optim.grad_clip if name == "generator" else cfg.dmd.grad_clip_critic)
+            self.networks[name], self.optimizers[name] = net, opt
+        self.gen, self.critic = self.networks["generator"], self.networks["critic"]
+        self.opt_g, self.opt_c = self.optimizers["generator"], self.optimizers["critic"]
+        self.task = "i2v" if model_type in ("i2v", "flf2v") else "t2v"
+        self.components_path = Path(cfg.model.components_path or teacher)
+        self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task, text_len)
+        self.ema = EMA(self.unwrap(self.gen), cfg.dmd.ema_decay, cfg.dmd.ema_start, local=engine.ema_local)
+        self._finish_build(text_len)
+
+    def _finish_build(self, text_len: int) -> None:
+        cfg = self.cfg
         self.networks = {"generator": self.gen, "critic": self.critic}
         self.optimizers = {"generator": self.opt_g, "critic": self.opt_c}
         self.extra_state = {"ema": self.ema}
-        self.trainable_only = cfg.lora.enabled  # checkpoints hold the adapters, not the shared base
         self.scheduler = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift, mode="lcm")
         self.latent_shape = self.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-        self.data = self._build_data(real.text_len)
+        self.data = self._build_data(text_len)
 
     def _build_data(self, text_len: int) -> PromptBatches:
         cfg = self.cfg
@@ -113,7 +165,7 @@ class DMDTrainer(Trainer):
         for micro in range(cfg.grad_accum):
             cond, uncond, noise, rng = self._batch(step, micro, 0)
             last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.gen):
+            with self.no_sync("generator", last):
                 with acc.autocast():
                     x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
                     loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guidance_scale,
@@ -121,7 +173,7 @@ class DMDTrainer(Trainer):
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
                     return {"generator_skipped": 1.0}
-                acc.backward(loss / cfg.grad_accum)
+                self.backward("generator", loss, last)
             logs.update(m)
             logs["generator_loss"] = logs.get("generator_loss", 0.0) + float(loss.detach()) / cfg.grad_accum
         logs["generator_grad_norm"] = self.clip_and_step("generator", cfg.optim.grad_clip)
@@ -137,13 +189,13 @@ class DMDTrainer(Trainer):
             with torch.no_grad(), acc.autocast():
                 x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
             last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.critic):
+            with self.no_sync("critic", last):
                 with acc.autocast():
                     loss = critic_loss(self.critic, x, cond, cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
                 if not self.check_finite(loss.detach(), "critic"):
                     self.opt_c.zero_grad(set_to_none=True)
                     return {"critic_skipped": 1.0}
-                acc.backward(loss / cfg.grad_accum)
+                self.backward("critic", loss, last)
             total += float(loss.detach()) / cfg.grad_accum
         return {"critic_loss": total, "critic_grad_norm": self.clip_and_step("critic", cfg.dmd.grad_clip_critic)}
 
@@ -160,8 +212,17 @@ class DMDTrainer(Trainer):
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     def student(self, ema: bool = True):
-        """The generator as a plain DiT (EMA weights if `ema`); LoRA mode: adapters merged into the base."""
+        """The generator as a plain DiT (EMA weights if `ema`); LoRA mode: adapters merged into the base.
+
+        Sharded engines: a collective (every rank gathers); rank 0 gets the DiT, the other ranks None."""
         gen = self.unwrap(self.gen)
+        if self.engine:
+            state = self.engine.full_state_dict(self.gen)
+            if ema:
+                state.update(self.engine.full_ema(self.ema, self.gen))
+            if not self.is_main:
+                return None
+            return load_into(build_dit(gen.config, "meta"), state, "gathered generator").eval().requires_grad_(False)
         if self.cfg.lora.enabled:
             return merged(gen, self.ema.state_dict() if ema else None).eval().requires_grad_(False)
         model = copy.deepcopy(gen).eval().requires_grad_(False)
@@ -181,15 +242,20 @@ class DMDTrainer(Trainer):
         prompts = self.cfg.logging.sample_prompts
         if not prompts:
             return
-        self.write_samples(step, WanPipeline(self.infer_config(), self.student(ema=step > self.cfg.dmd.ema_start),
-                                             self.vae, self.text_encoder, self.image_encoder))
+        student = self.student(ema=step > self.cfg.dmd.ema_start)
+        if student is not None:  # rank 0 (sharded engines gather on every rank)
+            self.write_samples(step, WanPipeline(self.infer_config(), student, self.vae, self.text_encoder,
+                                                 self.image_encoder))
 
     def export(self) -> Path:
         """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors; LoRA mode
         adds the generator's adapter as a LightX2V LoRA, `lora/distill_lora_r<rank>.safetensors` (no SVD)."""
         out = Path(self.cfg.output_model or self.run_dir / "model")
         use_ema = self.step > self.cfg.dmd.ema_start
-        write_dit_folder(out, self.student(ema=use_ema), weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        student = self.student(ema=use_ema)
+        if student is None:  # a sharded engine's rank > 0: its shards went into the gather
+            return out
+        write_dit_folder(out, student, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
         copy_components(self.components_path, out)
         if self.cfg.lora.enabled:
             lora = lightx2v_lora(self.unwrap(self.gen), self.ema.state_dict() if use_ema else None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class EMA:
@@ -11,22 +13,29 @@ class EMA:
 
     Only trainable floating-point parameters are tracked; `state_dict()` uses the network's own keys so an
     EMA checkpoint loads into the network (and exports) like the raw weights.
+
+    Sharded networks (distill/engines.py): `local(param)` gives what this rank tracks of a parameter (its shard),
+    so the EMA is split like the generator's states; FSDP2 parameters are DTensors and need no `local`.
     """
 
-    def __init__(self, net: nn.Module, decay: float, start_step: int = 0) -> None:
+    def __init__(self, net: nn.Module, decay: float, start_step: int = 0,
+                 local: Callable[[nn.Parameter], Tensor] | None = None) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay must be in (0, 1), got {decay}")
         self.decay, self.start_step = decay, start_step
-        self.shadow = {k: p.detach().float().clone() for k, p in net.named_parameters() if p.requires_grad}
+        self.local = local or (lambda p: p)
+        self.shadow = {k: self.local(p).detach().float().clone() for k, p in net.named_parameters()
+                       if p.requires_grad}
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
-        params = [p for k, p in net.named_parameters() if k in self.shadow]
+        # the local views are taken anew each time (DeepSpeed may re-point parameters at new flat buffers)
+        params = [self.local(p).float() for k, p in net.named_parameters() if k in self.shadow]
         shadow = list(self.shadow.values())
         if step <= self.start_step:  # before the start: follow the weights exactly
-            torch._foreach_copy_(shadow, [p.float() for p in params])
+            torch._foreach_copy_(shadow, params)
         else:
-            torch._foreach_lerp_(shadow, [p.float() for p in params], 1.0 - self.decay)
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -6,6 +6,7 @@ scalar metrics) and `export()` (the inference artefact). The loop, checkpointing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,8 +18,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.config import TrainConfig, to_yaml
+from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_dir
+from distill.config import SHARDED_ENGINES, TrainConfig, to_yaml
+from distill.engines import ShardedEngine, launcher_only, make_engine, resolve_engine
 from distill.logger import MetricsLogger
 
 MAX_NONFINITE = 5  # consecutive non-finite losses before the run stops (checkpoint left intact)
@@ -38,9 +40,20 @@ class Trainer:
         # `accelerate launch --multi_gpu` on a machine without CUDA: DDP over gloo on the CPU (otherwise every
         # process silently runs as its own single-process job, all writing the same run directory)
         cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=cfg.mixed_precision, cpu=cpu)
+        engine = resolve_engine(cfg.distributed.engine)  # auto: the accelerate launch config's engine
+        if engine != cfg.distributed.engine:
+            cfg.distributed.engine = engine
+            cfg.validate()  # e.g. a sharded engine with task pretrain or LoRA mode
+        # sharded engines wrap the networks themselves (distill/engines.py): accelerate only sets up the processes
+        with launcher_only() if engine in SHARDED_ENGINES else contextlib.nullcontext():
+            self.accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=cfg.mixed_precision,
+                                           cpu=cpu)
         set_seed(cfg.seed, device_specific=True)
         self.device = self.accelerator.device
+        self.engine: ShardedEngine | None = None
+        if engine in SHARDED_ENGINES:
+            self.engine = make_engine(engine, self.device, cfg.grad_accum, cfg.batch_size,
+                                      cfg.mixed_precision == "bf16", cfg.distributed.shard_size)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
@@ -90,21 +103,46 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def exports_here(self) -> bool:
+        """Whether sample() / export() run on this rank: rank 0, or every rank with a sharded engine (gathering the
+        weights is a collective; the tasks write files on rank 0 only)."""
+        return self.is_main or self.engine is not None
+
     def unwrap(self, net: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(net)
+        return self.engine.module(net) if self.engine else self.accelerator.unwrap_model(net)
 
     def lr_at(self, step: int, base_lr: float) -> float:
         """Linear warm-up then constant (no decay: DMD and our pretraining use a constant rate)."""
         warm = self.cfg.optim.warmup_steps
         return base_lr * min(1.0, (step + 1) / warm) if warm > 0 else base_lr
 
-    def clip_and_step(self, name: str, loss_scale: float = 1.0) -> float:
-        """Clip the gradient norm of network `name`, step its optimizer, zero grads; returns the norm."""
+    def clip_and_step(self, name: str, max_norm: float | None = None) -> float:
+        """Clip the gradient norm of network `name` to `max_norm` (default optim.grad_clip), step its optimizer,
+        zero grads; returns the norm before clipping."""
         net, opt = self.networks[name], self.optimizers[name]
-        norm = self.accelerator.clip_grad_norm_(net.parameters(), self.cfg.optim.grad_clip)
+        max_norm = self.cfg.optim.grad_clip if max_norm is None else max_norm
+        if self.engine:  # DeepSpeed clips with the max_norm given to its config (the same value)
+            return self.engine.clip_and_step(net, opt, max_norm)
+        norm = self.accelerator.clip_grad_norm_(net.parameters(), max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm)
+
+    def no_sync(self, name: str, last: bool) -> contextlib.AbstractContextManager:
+        """Gradient accumulation: skip the gradient reduction of network `name` unless `last` micro-batch."""
+        net = self.networks[name]
+        if self.engine:
+            return self.engine.no_sync(net, last)
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(net)
+
+    def backward(self, name: str, loss: torch.Tensor, last: bool = True) -> None:
+        """Backward of one micro-batch's mean loss (divided by grad_accum here or by the engine); `last`: the
+        step's last micro-batch (DeepSpeed reduces the gradients then)."""
+        if self.engine:
+            self.engine.backward(self.networks[name], loss, last)
+        else:
+            self.accelerator.backward(loss / self.cfg.grad_accum)
 
     def check_finite(self, loss: torch.Tensor, what: str) -> bool:
         """False (skip the update) on a non-finite loss; raise after MAX_NONFINITE in a row.
@@ -167,9 +205,25 @@ class Trainer:
 
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
+        if self.engine:
+            self.save_sharded()
+            return
         if self.is_main:
             nets, optim, state = self.state_for_checkpoint()
             path = save_checkpoint(self.ckpt_dir, self.step, nets, optim, state, self.cfg.checkpoint.keep)
+            self.logger.event(self.step, f"checkpoint written: {path}")
+        self.accelerator.wait_for_everyone()
+
+    def save_sharded(self) -> None:
+        """Every rank writes its shards into the staging folder; rank 0 adds state/RNG and renames it."""
+        if self.is_main:
+            staging_dir(self.ckpt_dir, self.step, fresh=True)
+        self.accelerator.wait_for_everyone()
+        self.engine.save(staging_dir(self.ckpt_dir, self.step), self.networks, self.optimizers, self.extra_state)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {"data_position": self.step, "engine": self.engine.name, "world_size": self.engine.world}
+            path = save_checkpoint(self.ckpt_dir, self.step, {}, {}, state, self.cfg.checkpoint.keep, staged=True)
             self.logger.event(self.step, f"checkpoint written: {path}")
         self.accelerator.wait_for_everyone()
 
@@ -179,6 +233,18 @@ class Trainer:
             return
         path = latest_checkpoint(self.ckpt_dir) if mode == "auto" else Path(mode)
         if path is None:
+            return
+        saved = json.loads((path / "state.json").read_text()).get("engine", "ddp")  # older checkpoints: ddp
+        current = self.engine.name if self.engine else "ddp"
+        if saved != current:
+            raise ValueError(f"{path} was written by distributed.engine={saved}, this run uses {current}: resume "
+                             f"with the same engine, or consolidate it (python -m distill.engines consolidate) and "
+                             f"start a new run from the exported weights")
+        if self.engine:
+            _, _, state = load_checkpoint(path, [])  # state.json + RNG; the shards below
+            self.engine.load(path, self.networks, self.optimizers, self.extra_state)
+            self.step = int(state["step"])
+            self.logger.event(self.step, f"resumed from {path}")
             return
         names = list(self.networks) + list(self.extra_state)
         nets, optim, state = load_checkpoint(path, names)
@@ -206,14 +272,14 @@ class Trainer:
                 self.logger.log(self.step, metrics)
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
                     self.save()
-                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.is_main:
+                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.exports_here:
                     self.sample(self.step)
             if latest_checkpoint(self.ckpt_dir) is None or \
                     int(json.loads((latest_checkpoint(self.ckpt_dir) / "state.json").read_text())["step"]) \
                     != self.step:
                 self.save()
             out = None
-            if self.is_main:
+            if self.exports_here:
                 self.sample(self.step)
                 out = self.export()
             self.accelerator.wait_for_everyone()

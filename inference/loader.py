@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from inference.config import InferConfig, load_config
 from inference.lora import apply_lora_configs
 from inference.pipeline import WanPipeline
-from models.components import load_model_folder
+from models.components import load_dit, load_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +51,14 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     folder = resolve_model_path(cfg, model_path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    dit_loader, dit_ckpt = load_dit, cfg.dit_original_ckpt
+    if cfg.dit_quantized:  # <folder>/[distill_]<scheme>/ or dit_quantized_ckpt
+        from inference.quant import load_quantized_dit  # here: `python -m inference.quant` imports this module
+
+        dit_loader = functools.partial(load_quantized_dit, scheme=cfg.dit_quant_scheme)
+        dit_ckpt = cfg.dit_quantized_ckpt
     comps = load_model_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",
-                              dit_ckpt=cfg.dit_original_ckpt, dtype=dtype, device=device,
-                              text_device="cpu" if cfg.cpu_offload else None)
+                              dit_ckpt=dit_ckpt, dtype=dtype, device=device,
+                              text_device="cpu" if cfg.cpu_offload else None, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
     return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from models.codec import PCACodec
 from models.loading import (
     COMPONENTS,
     DIT_CONFIG,
+    WAN_COMPONENTS,
     find_dit_weights,
     load_into,
     read_components,
@@ -119,13 +121,15 @@ def load_encoders(folder: str | Path, task: str, text_len: int, dtype: torch.dty
 
 def load_model_folder(folder: str | Path, task: str, distill: bool = False, dit_ckpt: str | None = None,
                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      text_device: str | torch.device | None = None) -> Components:
+                      text_device: str | torch.device | None = None,
+                      dit_loader: Callable[..., nn.Module] = load_dit) -> Components:
     """All components of a Wan-style folder: DiT, text and image encoders in `dtype` on `device` (the text
-    encoder on `text_device` when given, e.g. "cpu" to offload umT5-XXL), the VAE in fp32."""
+    encoder on `text_device` when given, e.g. "cpu" to offload umT5-XXL), the VAE in fp32. `dit_loader(folder,
+    distill, dit_ckpt, dtype)` reads the DiT (e.g. inference.quant.load_quantized_dit for quantized weights)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
-    dit = load_dit(folder, distill, dit_ckpt, dtype).to(device).eval().requires_grad_(False)
+    dit = dit_loader(folder, distill, dit_ckpt, dtype).to(device).eval().requires_grad_(False)
     if (task == "i2v") != (dit.model_type in ("i2v", "flf2v")):
         raise ValueError(f"task {task!r} does not match the DiT in {folder} (model_type {dit.model_type!r})")
     vae, text, image = load_encoders(folder, task, dit.text_len, dtype)
@@ -157,9 +161,18 @@ def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder,
 
 
 def copy_components(src: str | Path, dst: str | Path) -> None:
-    """Copy the non-DiT files of a tiny folder (components.json and the files it names)."""
+    """Copy the non-DiT files of a folder: components.json and the files it names (tiny), or, in a real Wan
+    folder, the VAE, umT5 and CLIP files and the tokenizer folder that are present."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    if not (src / COMPONENTS).is_file():
+        for entry in WAN_COMPONENTS.values():
+            name = entry.get("file") or entry["path"]
+            if (src / name).is_dir():
+                shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+            elif (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+        return
     table = read_json(src / COMPONENTS)
     shutil.copy2(src / COMPONENTS, dst / COMPONENTS)
     for entry in table.values():

@@ -27,8 +27,10 @@ WAN_FILES = {
 }
 
 # Tiny flavours: a 7M-parameter DiT over a compact linear latent (PCA codec), a frozen 2-layer umT5 with a
-# byte-level tokenizer, and a 2-layer CLIP tower. TINY_Z is the latent width (codec channels).
-TINY_Z = 32
+# byte-level tokenizer, and a 2-layer CLIP tower. TINY_Z is the latent width (codec channels), TINY_STRIDE the
+# codec's spatial stride: 4x4x4 blocks, 16 channels (64 values per 2x2 DiT token; 320 tokens for 17x64x64).
+TINY_Z = 16
+TINY_STRIDE = 4
 TINY_TEXT = dict(vocab_size=259, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 TINY_CLIP = dict(image_size=32, patch_size=8, dim=64, mlp_ratio=4, out_dim=32, num_heads=2, num_layers=2)
 _TINY_DIT = dict(dim=256, ffn_dim=1024, freq_dim=256, num_heads=4, num_layers=6, text_len=64,
@@ -78,13 +80,15 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "tiny-t2v": ModelSpec(
         "tiny-t2v",
         dit=dict(model_type="t2v", in_dim=TINY_Z, **_TINY_DIT),
-        vae=dict(type="pca_codec", z_dim=TINY_Z), text_encoder=dict(type="umt5", **TINY_TEXT),
+        vae=dict(type="pca_codec", z_dim=TINY_Z, spatial_stride=TINY_STRIDE),
+        text_encoder=dict(type="umt5", **TINY_TEXT),
         tokenizer=dict(type="byte"), sample=dict(frames=17, height=64, width=64)),
     "tiny-i2v": ModelSpec(
         "tiny-i2v",
         # I2V input = noisy latent (z) + mask (4) + VAE latent of the first frame (z), as in Wan.
         dit=dict(model_type="i2v", in_dim=2 * TINY_Z + 4, clip_dim=TINY_CLIP["dim"], **_TINY_DIT),
-        vae=dict(type="pca_codec", z_dim=TINY_Z), text_encoder=dict(type="umt5", **TINY_TEXT),
+        vae=dict(type="pca_codec", z_dim=TINY_Z, spatial_stride=TINY_STRIDE),
+        text_encoder=dict(type="umt5", **TINY_TEXT),
         tokenizer=dict(type="byte"), image_encoder=dict(type="clip", **TINY_CLIP),
         sample=dict(frames=17, height=64, width=64)),
 }

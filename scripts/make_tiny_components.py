@@ -18,7 +18,7 @@ from data.shapes import ShapesWorld
 from models.clip import CLIPImageEncoder
 from models.codec import fit_pca_codec
 from models.components import save_components
-from models.registry import TINY_CLIP, TINY_TEXT, TINY_Z
+from models.registry import TINY_CLIP, TINY_STRIDE, TINY_TEXT, TINY_Z
 from models.t5 import UMT5Encoder
 
 
@@ -26,6 +26,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/tiny-components")
     p.add_argument("--z-dim", type=int, default=TINY_Z)
+    p.add_argument("--spatial-stride", type=int, default=TINY_STRIDE)
+    p.add_argument("--normalize", choices=["channel", "global"], default="global",
+                   help="latent std per channel, or one for all (keeps PCA's energy order; see models/codec.py)")
     p.add_argument("--videos", type=int, default=512, help="rendered videos the codec is fitted on")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64)
@@ -34,12 +37,13 @@ def main() -> None:
     world = ShapesWorld(args.frames, args.size, args.size)
     # Seeds far from the training data seeds (distill/data.py) so the codec is not fitted on eval videos.
     videos = np.stack([world.sample(10**9 + args.seed * 10**6 + i)[1] for i in range(args.videos)])
-    codec = fit_pca_codec(videos, z_dim=args.z_dim)
+    codec = fit_pca_codec(videos, args.z_dim, args.spatial_stride, args.normalize)
     torch.manual_seed(args.seed)
     text = UMT5Encoder(**{k: v for k, v in TINY_TEXT.items() if k != "type"})
     clip = CLIPImageEncoder(**{k: v for k, v in TINY_CLIP.items() if k != "type"})
     out = save_components(Path(args.out), codec, text, clip, tokenizer="byte")
-    print(f"wrote {out}: codec z={args.z_dim} fitted on {args.videos} videos, tiny umT5, tiny CLIP")
+    print(f"wrote {out}: codec z={args.z_dim} stride {args.spatial_stride} ({args.normalize} std) fitted on "
+          f"{args.videos} videos, tiny umT5, tiny CLIP")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from inference.config import InferConfig
 
 # DiT overrides of the tiny specs: 2 blocks of width 64 (the codec / text / CLIP components stay as committed).
 SMALL_DIT = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
-# 5 frames at 32x32 -> latent [32, 2, 4, 4] -> 8 tokens after the (1, 2, 2) patch.
+# 5 frames at 32x32 -> latent [16, 2, 8, 8] -> 32 tokens after the (1, 2, 2) patch.
 SMALL_SAMPLE = dict(target_video_length=5, target_height=32, target_width=32)
 BASE_CONFIG = dict(task="t2v", model_cls="wan2.1", infer_steps=3, sample_solver="unipc", sample_shift=3.0,
                    enable_cfg=True, sample_guide_scale=5.0, sample_neg_prompt="blurry, static", fps=8, seed=0,

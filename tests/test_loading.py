@@ -15,6 +15,7 @@ import models.components
 from inference.loader import load_pipeline
 from models.components import load_dit, load_model_folder
 from models.loading import DIT_CONFIG, DIT_WEIGHTS, KeyMismatchError, read_sharded, read_state_dict, write_safetensors
+from models.registry import TINY_Z
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,9 +87,10 @@ def test_i2v_weights_into_t2v_model_report_shapes(tiny_t2v_dir, tiny_i2v_dir):
     with pytest.raises(KeyMismatchError) as e:
         load_dit(tiny_t2v_dir, explicit=str(tiny_i2v_dir / DIT_WEIGHTS))
     msg = str(e.value)
-    # I2V patch embedding takes z + 4 + z = 68 input channels, the T2V one z = 32
+    # I2V patch embedding takes z + 4 + z input channels, the T2V one z
+    z = TINY_Z
     assert "1 shape mismatch(es)" in msg
-    assert "patch_embedding.weight: file (64, 68, 1, 2, 2) vs model (64, 32, 1, 2, 2)" in msg
+    assert f"patch_embedding.weight: file (64, {2 * z + 4}, 1, 2, 2) vs model (64, {z}, 1, 2, 2)" in msg
     i2v_only = set(_state(tiny_i2v_dir)) - set(_state(tiny_t2v_dir))  # img_emb.*, cross_attn.{k,v}_img, ...
     assert any(k.startswith("img_emb.proj") for k in i2v_only)
     assert f"{len(i2v_only)} unexpected key(s)" in msg and "k_img" in msg and "missing" not in msg
@@ -124,7 +126,7 @@ def test_sharded_equals_single_file(tmp_path, tiny_t2v_dir, index):
     single = load_dit(tiny_t2v_dir)
     sharded = load_dit(folder)
     _assert_weights(sharded, single.state_dict())
-    x = torch.randn(1, 32, 2, 4, 4)
+    x = torch.randn(1, single.in_dim, 2, 4, 4)
     ctx = torch.randn(1, 7, single.text_dim)
     t = torch.tensor([500.0])
     assert torch.equal(sharded(x, t, ctx), single(x, t, ctx))

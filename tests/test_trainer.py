@@ -2,7 +2,7 @@
 ode), checkpoints (atomic, keep K), the non-finite guard, DMD specifics (two time-scale updates, exit step, frozen
 teacher, EMA start), gradient accumulation, and `distill.export` (Wan folder + LightX2V LoRA, Eckart-Young).
 
-Runs use 5 frames at 32x32 (latent [32, 2, 4, 4]), batch 2, one thread; distillation uses the session's random
+Runs use 5 frames at 32x32 (latent [16, 2, 8, 8]), batch 2, one thread; distillation uses the session's random
 small teacher (tests/conftest.py `tiny_t2v_dir`), pretraining the `tiny-t2v` spec with the committed components.
 """
 
@@ -154,7 +154,8 @@ def test_train_py_dry_run_prints_resolved_yaml():
     body = "\n".join(line for line in out.stdout.splitlines() if not line.startswith("#"))
     assert body.strip() == to_yaml(cfg).strip()
     estimate = [line for line in out.stdout.splitlines() if line.startswith("#")]
-    assert any("peak (estimate)" in line and "GiB" in line for line in estimate)
+    assert any("peak in backward" in line and "GiB" in line for line in estimate)
+    assert any(line.startswith("# fits 1 x 80 GiB: yes") for line in estimate)
     assert any("DiT parameters" in line for line in estimate) and any("TFLOP" in line for line in estimate)
 
 
@@ -661,4 +662,4 @@ def test_real_size_configs_pass_dry_run(name, billions):
     out = subprocess.run([sys.executable, "train.py", "--config", f"configs/wan_distill/{name}.yaml", "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert f"DiT parameters: {billions} B; tokens per sample: 32760" in out.stdout
+    assert f"DiT parameters: {billions} B;" in out.stdout and "tokens per sample: 32760" in out.stdout
