@@ -66,16 +66,52 @@ def child(teacher: str, run_dir: str, steps: int, overrides: list[str]) -> dict:
             "items": plan.memory}
 
 
+def plan_case(name: str) -> float:
+    """The planner's peak (GiB) for a case, without running it (the teacher's config.json written to a temp dir)."""
+    from distill.config import load_train_config
+    from distill.plan import estimate
+    from models.registry import get_spec
+
+    kind, overrides = CASES[name]
+    spec, changes = TEACHERS[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({**get_spec(spec).dit, **changes}))
+        cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", [f"model.path={tmp}", *COMMON, *overrides])
+        return estimate(cfg).peak
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = ["| case | device | measured peak | planner | planner / measured |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['device']} | {r['measured_gib']:.3f} GiB | {r['estimate_gib']:.3f} GiB | "
+              f"{r['ratio']:.2f} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     p.add_argument("--cases", default=";".join(c for c in CASES if c.startswith("tiny")),
                    help=f"semicolon-separated case names, of: {'; '.join(CASES)}")
+    p.add_argument("--replan", default=None,
+                   help="a results .json of an earlier run: recompute the planner column (measurements kept), "
+                        "write it back (and its .md)")
     p.add_argument("--child", nargs=3, metavar=("TEACHER", "RUN_DIR", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], a.steps, json.loads(a.child[2]))))
+        return
+    if a.replan:
+        rows = json.loads(Path(a.replan).read_text())
+        for r in rows:
+            r["estimate_gib"] = plan_case(r["case"])
+            r["ratio"] = r["estimate_gib"] / r["measured_gib"]
+            r.pop("items", None)
+            print(f"{r['case']:<32s} measured {r['measured_gib']:.3f} GiB ({r['device']}), planner "
+                  f"{r['estimate_gib']:.3f} GiB, planner/measured {r['ratio']:.2f}")
+        write_tables(rows, Path(a.replan))
         return
     from scripts.make_tiny_model import make_tiny_model
 
@@ -98,14 +134,7 @@ def main() -> None:
             print(f"{name:<32s} measured {r['measured_gib']:.3f} GiB ({r['device']}), estimate "
                   f"{r['estimate_gib']:.3f} GiB, estimate/measured {r['ratio']:.2f}", flush=True)
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        lines = ["| case | device | measured peak | planner | planner / measured |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['device']} | {r['measured_gib']:.3f} GiB | {r['estimate_gib']:.3f} GiB | "
-                  f"{r['ratio']:.2f} |" for r in rows]
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_tables(rows, Path(a.out))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ class DistributedConfig:
     # (FSDP2 full shard) | hybrid (FSDP2 hybrid shard) | zero2 | zero3 (DeepSpeed); sharded engines: task dmd
     engine: str = "auto"
     shard_size: int = 0  # hybrid: processes per shard group (0: processes per node)
+    # fsdp/hybrid: keep parameters, gradients and optimizer states in CPU memory (FSDP2 CPUOffloadPolicy; the
+    # optimizer steps on the CPU, each block's weights are copied to the GPU for its forward/backward)
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -205,6 +208,9 @@ class TrainConfig:
                 raise ValueError(f"lora.rank must be >= 1 and lora.target_modules non-empty, got "
                                  f"{self.lora.rank} / {self.lora.target_modules}")
         _choice("distributed.engine", self.distributed.engine, ("auto", *ENGINES))
+        if self.distributed.cpu_offload and self.distributed.engine not in ("auto", "fsdp", "hybrid"):
+            raise ValueError(f"distributed.cpu_offload needs distributed.engine fsdp or hybrid (FSDP2), got "
+                             f"{self.distributed.engine}")
         if self.distributed.engine in SHARDED_ENGINES and (self.task != "dmd" or self.lora.enabled):
             raise ValueError(f"distributed.engine={self.distributed.engine} shards the three full DMD networks: it "
                              f"needs task=dmd without lora.enabled (got task={self.task}, lora.enabled="

@@ -62,7 +62,8 @@ def engine_from_launch(env: dict[str, str] | os._Environ = os.environ) -> str | 
         if strategy not in FSDP_STRATEGIES:
             raise ValueError(f"fsdp_sharding_strategy {strategy} is not supported; use FULL_SHARD or HYBRID_SHARD")
         if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
-            raise ValueError("fsdp_offload_params: true is not supported by distill/engines.py; set it to false")
+            raise ValueError("fsdp_offload_params in the accelerate config is not read: set it to false and pass "
+                             "distributed.cpu_offload=true (FSDP2 CPUOffloadPolicy) in the training config")
         return FSDP_STRATEGIES[strategy]
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
@@ -133,14 +134,14 @@ class ShardedEngine:
     name = "sharded"
 
     def __init__(self, name: str, device: torch.device, grad_accum: int, batch_size: int, bf16: bool,
-                 shard_size: int = 0) -> None:
+                 shard_size: int = 0, cpu_offload: bool = False) -> None:
         if not dist.is_initialized():
             raise RuntimeError(f"distributed.engine={name} needs a process group: launch with accelerate launch "
                                f"(configs/accelerate/*.yaml) or torchrun")
         self.name, self.device, self.grad_accum, self.batch_size, self.bf16 = name, device, grad_accum, \
             batch_size, bf16
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.shard_size = shard_size
+        self.shard_size, self.cpu_offload = shard_size, cpu_offload
 
     @property
     def is_loader(self) -> bool:
@@ -210,10 +211,14 @@ class FSDP2Engine(ShardedEngine):
 
         skeleton = skeleton.to(dtype)  # still on meta: free
         extra = {} if policy is None else {"mp_policy": policy}
+        if self.cpu_offload:  # sharded parameters, gradients and optimizer states live in CPU memory
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            extra["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         for block in skeleton.blocks:
             fully_shard(block, mesh=self.mesh, **extra)
         fully_shard(skeleton, mesh=self.mesh, **extra)
-        skeleton.to_empty(device=self.device)
+        skeleton.to_empty(device="cpu" if self.cpu_offload else self.device)
         # rank 0 holds the full state dict; every rank receives and keeps only its shard
         set_model_state_dict(skeleton, state if self.is_loader else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -409,9 +414,9 @@ class DeepSpeedEngine(ShardedEngine):
 
 
 def make_engine(name: str, device: torch.device, grad_accum: int, batch_size: int, bf16: bool,
-                shard_size: int = 0) -> ShardedEngine:
+                shard_size: int = 0, cpu_offload: bool = False) -> ShardedEngine:
     if name in ("fsdp", "hybrid"):
-        return FSDP2Engine(name, device, grad_accum, batch_size, bf16, shard_size)
+        return FSDP2Engine(name, device, grad_accum, batch_size, bf16, shard_size, cpu_offload)
     if name in ("zero2", "zero3"):
         return DeepSpeedEngine(name, device, grad_accum, batch_size, bf16, shard_size)
     raise ValueError(f"no sharded engine {name!r}; expected one of {list(SHARDED_ENGINES)}")

@@ -39,7 +39,11 @@ from models.wan_model import WanModel
 
 GB = 1024**3
 ENGINES = ("ddp", "zero2", "fsdp", "zero3", "hybrid")
-GPU_RESERVE_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: not available to tensors
+GPU_RESERVE_GB = 2.0
+# Live intermediates of DMD's no-grad CFG teacher forward (batch 2B), in units of one block's saved tensors at
+# batch B: between 1 (bf16, large) and 2 (fp32, tiny) in the measurements of benchmarks/memory.py; 1.5 keeps
+# every measured case within 15%.
+DMD_TRANSIENT_BLOCKS = 1.5  # CUDA context, NCCL buffers, allocator slack: not available to tensors
 REPO = Path(__file__).resolve().parents[1]
 WAN_CONFIGS = {"Wan2.1-T2V-1.3B": "configs/wan_distill/t2v_1.3b_dmd.yaml",
                "Wan2.1-T2V-14B": "configs/wan_distill/t2v_14b_dmd.yaml",
@@ -97,6 +101,10 @@ def count_params(config: dict, cfg: TrainConfig | None = None) -> tuple[int, int
     return sum(p.numel() for p in model.parameters()), linear, block, adapter
 
 
+PARAM_VIEWS = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0",
+               "ExpandBackward0", "UnsafeViewBackward0"}
+
+
 class _FusedAttention(torch.autograd.Function):
     """What flash / memory-efficient attention keep for backward: q, k, v, out and the log-sum-exp [B, H, L]."""
 
@@ -111,7 +119,7 @@ class _FusedAttention(torch.autograd.Function):
 def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers: int, checkpointing: bool,
                            autocast: bool) -> int:
     """Bytes autograd keeps for backward in one forward of a `num_layers`-block DiT of `config` at batch 1,
-    parameters excluded; distinct storages counted once (views share them).
+    parameters and autocast's bf16 copies of them excluded; distinct storages counted once (views share them).
 
     Run for real on the CPU (uninitialised weights: only sizes matter) with CPU bf16 autocast when `autocast`,
     so dtypes follow the model's own casts; attention is replaced by `_FusedAttention` (what the flash and
@@ -121,11 +129,21 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
     model = model.to_empty(device="cpu")
     model.gradient_checkpointing = checkpointing
     params = {p.untyped_storage()._cdata for p in model.parameters()}
+    param_ids = {id(p) for p in model.parameters()}
     seen: dict[int, int] = {}
+
+    def weight_cast(t: Tensor) -> bool:
+        """A parameter seen through casts and views (autocast's bf16 copy, its transpose): planned as its own
+        item ("bf16 weight casts"), not an activation."""
+        fn, casts = t.grad_fn, 0
+        while fn is not None and type(fn).__name__ in PARAM_VIEWS and len(fn.next_functions) == 1:
+            casts += type(fn).__name__.startswith("ToCopy")
+            fn = fn.next_functions[0][0]
+        return casts > 0 and id(getattr(fn, "variable", None)) in param_ids
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage()._cdata
-        if key not in params:
+        if key not in params and not weight_cast(t):
             seen.setdefault(key, t.untyped_storage().nbytes())
         return t
 
@@ -148,7 +166,7 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
 
 @functools.lru_cache(maxsize=64)
 def _activation_memory(config_json: str, tokens: int, batch: int, checkpointing: bool, autocast: bool,
-                       extra_blocks: int) -> float:
+                       extra_blocks: float) -> float:
     return activation_memory(json.loads(config_json), tokens, batch, checkpointing, autocast, extra_blocks)
 
 
@@ -164,7 +182,7 @@ def narrowed(config: dict, max_dim: int = 768) -> tuple[dict, int]:
 
 
 def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool, autocast: bool,
-                      extra_blocks: int = 0) -> float:
+                      extra_blocks: float = 0.0) -> float:
     """Bytes of activations at the peak of one forward + backward of the full DiT on `tokens` tokens.
 
     Saved bytes are affine in the tokens (fused attention: no tokens^2 term) and in the number of blocks, so
@@ -172,7 +190,7 @@ def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool
     constants (the text context's keys and values are the constants). Without checkpointing: every block's
     saved tensors; with it: every block's input, plus one block's saved tensors while it is recomputed.
     `extra_blocks`: blocks' worth of transient memory beside the saved graph (DMD: the no-grad teacher forward
-    with CFG, at twice the batch, runs while the generator's graph is alive: 2)."""
+    with CFG, at twice the batch, runs while the generator's graph is alive; DMD_TRANSIENT_BLOCKS)."""
 
     small, k = narrowed(config)
 
@@ -189,7 +207,7 @@ def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool
     (k1, d1), (k2, d2) = saved(1, True), saved(2, True)
     kept = (k2 - k1) * tokens + (d2 - d1)
     kept_outside = (2 * k1 - k2) * tokens + (2 * d1 - d2)
-    return batch * (kept * layers + kept_outside + max(1, extra_blocks) * block)
+    return batch * (kept * layers + kept_outside + max(1.0, extra_blocks) * block)
 
 
 def latent_grid(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -230,7 +248,7 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     elif mixed and not lora:  # autocast caches a bf16 copy of each trainable linear weight until backward
         mem["bf16 weight casts (autocast)"] = 2 * n_linear
     ckpt = cfg.model.gradient_checkpointing
-    extra = 2 if cfg.task == "dmd" else 0
+    extra = DMD_TRANSIENT_BLOCKS if cfg.task == "dmd" else 0.0
     mem["activations"] = _activation_memory(json.dumps(config, sort_keys=True), tokens, cfg.batch_size, ckpt, mixed,
                                             extra)
     # foreach AdamW builds one parameter-sized fp32 temporary of the network it steps
@@ -277,8 +295,11 @@ def min_gpus(cfg: TrainConfig, engine: str, gpu_mem: float, offload: bool = Fals
 
 
 def implemented(engine: str, lora: bool, offload: bool) -> bool:
-    """Whether the trainer runs this combination (distill/engines.py): LoRA mode under ddp; no CPU offload yet."""
-    return not offload and (engine == "ddp" or not lora)
+    """Whether the trainer runs this combination (distill/engines.py): LoRA mode under ddp; CPU offload with
+    FSDP2 (`distributed.cpu_offload`) for full-parameter DMD."""
+    if lora:
+        return engine == "ddp" and not offload
+    return not offload or engine in ("fsdp", "hybrid")
 
 
 def wan_table(gpu_mem: float = 80.0) -> str:

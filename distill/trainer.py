@@ -53,7 +53,8 @@ class Trainer:
         self.engine: ShardedEngine | None = None
         if engine in SHARDED_ENGINES:
             self.engine = make_engine(engine, self.device, cfg.grad_accum, cfg.batch_size,
-                                      cfg.mixed_precision == "bf16", cfg.distributed.shard_size)
+                                      cfg.mixed_precision == "bf16", cfg.distributed.shard_size,
+                                      cfg.distributed.cpu_offload)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0

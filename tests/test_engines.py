@@ -191,6 +191,7 @@ def single(tmp_path_factory, tiny_t2v_dir) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, extra", [
     ("fsdp", ["model.gradient_checkpointing=true"]),  # per-block recomputation: same numbers
+    ("fsdp", ["distributed.cpu_offload=true"]),  # FSDP2 CPUOffloadPolicy (parameters/optimizer on the CPU)
     ("hybrid", ["distributed.shard_size=1"]),  # 2 replicas x 1 shard: exercises HSDP's replica all-reduce
     ("zero2", []),
     ("zero3", []),
