@@ -31,6 +31,9 @@ class EMA:
     def update(self, net: nn.Module, step: int) -> None:
         # the local views are taken anew each time (DeepSpeed may re-point parameters at new flat buffers)
         params = [self.local(p).float() for k, p in net.named_parameters() if k in self.shadow]
+        if params and next(iter(self.shadow.values())).device != params[0].device:
+            # the network moved (e.g. accelerate's prepare put it on the GPU after the EMA was made): follow it
+            self.shadow = {k: v.to(params[0].device) for k, v in self.shadow.items()}
         shadow = list(self.shadow.values())
         if step <= self.start_step:  # before the start: follow the weights exactly
             torch._foreach_copy_(shadow, params)

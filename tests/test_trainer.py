@@ -663,3 +663,14 @@ def test_real_size_configs_pass_dry_run(name, billions):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"DiT parameters: {billions} B;" in out.stdout and "tokens per sample: 32760" in out.stdout
+
+
+def test_ema_follows_the_network_to_its_device():
+    """accelerate's prepare moves networks after their EMA was made: the shadow follows (GPU runs hit this)."""
+    from distill.ema import EMA
+
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.5, start_step=0)
+    net.to("meta")
+    ema.update(net, step=5)
+    assert all(v.device.type == "meta" for v in ema.state_dict().values())
