@@ -45,6 +45,8 @@ def _rss_bytes() -> int:
 def child(teacher: str, run_dir: str, steps: int, overrides: list[str]) -> dict:
     import torch
 
+    import distill.dmd  # noqa: F401  (imported before the baseline: module memory is not training memory)
+    import distill.engines  # noqa: F401
     from distill.config import load_train_config
     from distill.plan import estimate
     from train import trainer_for

@@ -12,7 +12,7 @@ components() { $PY -m scripts.make_tiny_components --out checkpoints/tiny-compon
 
 t2v_teacher() {
   $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml "$@"
-  $PY -m distill.export --run runs/tiny_t2v_teacher --out checkpoints/tiny-t2v-teacher --dtype bf16
+  $PY -m distill.export --run runs/tiny_t2v_teacher_48 --out checkpoints/tiny-t2v-teacher --dtype bf16
 }
 
 i2v_teacher() {

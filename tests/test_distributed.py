@@ -41,18 +41,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int, tmp: Path, script: str = "train.py") -> subprocess.CompletedProcess:
-    """Run `script args` in one process, or in `nproc` through `accelerate launch --multi_gpu`."""
+def launch(args: list[str], nproc: int, tmp: Path, script: str = "train.py",
+           config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `script args` in one process, or in `nproc` through `accelerate launch --multi_gpu` (or with an
+    accelerate `config_file`, e.g. configs/accelerate/fsdp.yaml)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONPATH=str(REPO))  # no user accelerate config
-    if nproc == 1:
+    if nproc == 1 and config_file is None:
         cmd = [sys.executable, script, *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), script, *args]
+        how = ["--config_file", str(config_file)] if config_file else ["--multi_gpu", "--dynamo_backend", "no"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+               script, *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

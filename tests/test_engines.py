@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +29,7 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from distill.config import load_train_config
 from distill.ema import EMA
 from distill.engines import chunk_bounds, engine_from_launch, resolve_engine
-from tests.test_distributed import SMALL, TIMEOUT, free_port, launch, metrics
+from tests.test_distributed import SMALL, launch, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = REPO / "configs" / "accelerate"
@@ -143,23 +141,7 @@ def dmd_args(teacher: Path, run: Path, *extra: str) -> list[str]:
 
 def launch_engine(engine: str, args: list[str], tmp: Path) -> str:
     """`accelerate launch --config_file configs/accelerate/<engine>.yaml` with 2 processes here; the output."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / f"{engine}.yaml"),
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), "train.py", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers (our own process group)
-        out, _ = proc.communicate()
-        pytest.fail(f"{engine} run timed out after {TIMEOUT} s\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out[-6000:]}"
-    return out
+    return launch(args, 2, tmp, config_file=ACCELERATE / f"{engine}.yaml").stdout
 
 
 def assert_same_metrics(a: Path, b: Path, steps: list[int], rtol: float) -> None:
