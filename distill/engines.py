@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def gather_chunks(chunks: dict[str, Tensor], shapes: dict[str, torch.Size], rank
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-class ShardedEngine:
+class ShardedEngine(ABC):
     """Common interface; `make_engine` returns an FSDP2 or DeepSpeed subclass."""
 
     name = "sharded"
@@ -149,12 +150,14 @@ class ShardedEngine:
         return self.rank == 0
 
     # the per-network API used by the trainer; see the subclasses
+    @abstractmethod
     def trainable(self, name: str, skeleton: nn.Module, state: dict[str, Tensor] | None, make_opt: OptimizerFactory,
                   grad_clip: float) -> tuple[nn.Module, torch.optim.Optimizer]:
-        raise NotImplementedError
+        """Shard a trainable network (meta `skeleton`, full `state` on the loader rank) and build its optimizer."""
 
+    @abstractmethod
     def frozen(self, skeleton: nn.Module, state: dict[str, Tensor] | None, dtype: torch.dtype) -> nn.Module:
-        raise NotImplementedError
+        """Shard a frozen network (no optimizer) in `dtype`."""
 
     def module(self, net: nn.Module) -> nn.Module:
         """The network's own module (DeepSpeed: engine.module; FSDP2 shards in place)."""
@@ -163,29 +166,33 @@ class ShardedEngine:
     def no_sync(self, net: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    @abstractmethod
     def backward(self, net: nn.Module, loss: Tensor, last: bool) -> None:
-        raise NotImplementedError
+        """Backward of one micro-batch's mean loss; `last`: the step's last micro-batch."""
 
+    @abstractmethod
     def clip_and_step(self, net: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> float:
-        raise NotImplementedError
+        """Clip the gradient norm to `grad_clip`, step, zero the gradients; the norm before clipping."""
 
     def ema_local(self, param: nn.Parameter) -> Tensor:
         """What an EMA tracks of `param` on this rank (its shard)."""
         return param
 
+    @abstractmethod
     def full_state_dict(self, net: nn.Module) -> dict[str, Tensor]:
         """Full fp32 CPU state dict on rank 0 ({} elsewhere); a collective."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_ema(self, ema, net: nn.Module) -> dict[str, Tensor]:
         """The EMA's full tensors on rank 0 ({} elsewhere); a collective."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(self, folder: Path, networks: dict, optimizers: dict, extra: dict) -> None:
-        raise NotImplementedError
+        """Every rank writes its shards of networks, optimizers and EMA into `folder`."""
 
+    @abstractmethod
     def load(self, folder: Path, networks: dict, optimizers: dict, extra: dict) -> None:
-        raise NotImplementedError
+        """Read this rank's shards back from a folder written by `save`."""
 
 
 class FSDP2Engine(ShardedEngine):
