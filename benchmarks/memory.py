@@ -5,13 +5,17 @@
 Each case runs in a fresh process: build the DMD trainer (a random teacher, tiny or Wan2.1-1.3B-sized, with the
 committed tiny components), run `--steps` iterations, report the peak. Tiny cases: batch 8, 17x64x64 (320
 tokens); 1.3B cases (GPU): batch 1, 9,360 tokens, bf16, per-block checkpointing. CPU: peak resident set size
-(ru_maxrss) minus the RSS just before the trainer is built (after imports); CUDA: max_memory_allocated().
-The planner is called with the same config (engine ddp, 1 process); within +-15% is the target.
+(ru_maxrss) minus the RSS just before the trainer is built (after imports), or with `--tensors` the peak of live
+tensor bytes (tensors alive after the build, by storage, plus the running sum of the profiler's allocation events
+over the steps: what the planner models, without the allocator's and Python's own memory); CUDA:
+max_memory_allocated(). The planner is called with the same config (engine ddp, 1 process); within +-15% is
+the target.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -42,7 +46,38 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def child(teacher: str, run_dir: str, steps: int, overrides: list[str]) -> dict:
+def _live_cpu_tensor_bytes() -> int:
+    """Bytes of the CPU storages that live tensors (parameters included) refer to, each storage counted once."""
+    import torch
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def _profiled_peak_bytes(run) -> int:
+    """Peak of (created - destroyed) CPU tensor bytes while `run()` executes, from the profiler's memory timeline
+    (tensors that existed before are not counted: they are in `_live_cpu_tensor_bytes()`). The timeline is a
+    private torch API (torch.profiler._memory_profiler), the one that `export_memory_timeline` is built on."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    live = peak = 0
+    for _, action, (key, _), size in sorted(MemoryProfileTimeline(prof._memory_profile()).timeline,
+                                            key=lambda e: e[0]):
+        if key.device.type != "cpu":
+            continue
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak
+
+
+def child(teacher: str, run_dir: str, steps: int, overrides: list[str], tensors: bool = False) -> dict:
     import torch
 
     import distill.dmd  # noqa: F401  (imported before the baseline: module memory is not training memory)
@@ -57,8 +92,18 @@ def child(teacher: str, run_dir: str, steps: int, overrides: list[str]) -> dict:
     cuda = torch.cuda.is_available()
     base = _rss_bytes()
     trainer = trainer_for(cfg)
-    for step in range(steps):
-        trainer.train_step(step)
+
+    def run() -> None:
+        for step in range(steps):
+            trainer.train_step(step)
+
+    if tensors and not cuda:
+        gc.collect()
+        measured = _live_cpu_tensor_bytes() + _profiled_peak_bytes(run)
+        trainer.logger.close()
+        return {"measured_gib": measured / 2**30, "estimate_gib": plan.peak, "device": "cpu (tensors)",
+                "items": plan.memory}
+    run()
     if cuda:
         measured = torch.cuda.max_memory_allocated()
     else:
@@ -100,10 +145,12 @@ def main() -> None:
     p.add_argument("--replan", default=None,
                    help="a results .json of an earlier run: recompute the planner column (measurements kept), "
                         "write it back (and its .md)")
+    p.add_argument("--tensors", action="store_true",
+                   help="CPU: measure live tensor bytes (profiler memory events) instead of the resident set size")
     p.add_argument("--child", nargs=3, metavar=("TEACHER", "RUN_DIR", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], a.child[1], a.steps, json.loads(a.child[2]))))
+        print(json.dumps(child(a.child[0], a.child[1], a.steps, json.loads(a.child[2]), a.tensors)))
         return
     if a.replan:
         rows = json.loads(Path(a.replan).read_text())
@@ -126,7 +173,7 @@ def main() -> None:
                 spec, changes = TEACHERS[kind]
                 teachers[kind] = make_tiny_model(Path(tmp) / kind, spec, seed=0, **changes)
             cmd = [sys.executable, "-m", "benchmarks.memory", "--steps", str(a.steps), "--child", str(teachers[kind]),
-                   str(Path(tmp) / f"run{len(rows)}"), json.dumps(overrides)]
+                   str(Path(tmp) / f"run{len(rows)}"), json.dumps(overrides), *(["--tensors"] if a.tensors else [])]
             res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"case {name!r} failed:\n{res.stderr[-3000:]}")

@@ -38,9 +38,9 @@ class DataConfig:
     prompt_path: str | None = None  # prompts source (distill/prompts.py) when source = prompts
     prompt_column: str = "prompt"
     image_column: str = "image"  # I2V with source = prompts: column of image paths
-    num_frames: int = 17
-    height: int = 64
-    width: int = 64
+    num_frames: int = 9
+    height: int = 48
+    width: int = 48
     cfg_dropout: float = 0.1  # probability of replacing the prompt by "" (classifier-free guidance training)
     seed: int = 0
 

@@ -74,7 +74,7 @@ def teacher_trajectory(teacher, noise: torch.Tensor, cond: Cond, uncond: Cond, g
 class ODETrainer(Trainer):
     def build(self) -> None:
         cfg = self.cfg
-        teacher = load_dit(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False)
+        teacher = load_dit(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False).to(self.device)
         self.task = "i2v" if teacher.model_type in ("i2v", "flf2v") else "t2v"
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
@@ -108,9 +108,10 @@ class ODETrainer(Trainer):
                 continue  # resumable: finished shards are kept
             cond, uncond, prompts = data.get(shard, 0, 1, cfg.shard_size, self.shape)
             gen = torch.Generator().manual_seed(self.cfg.seed * 7717 + shard)
-            noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)
-            states = teacher_trajectory(teacher, noise, cond, uncond, cfg.guidance_scale, self.sigmas.tolist(),
-                                        cfg.teacher_steps, cfg.teacher_shift)
+            noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
+            states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
+                                        cfg.guidance_scale, self.sigmas.tolist(), cfg.teacher_steps,
+                                        cfg.teacher_shift).cpu()
             tensors = {"states": states}
             if cond.y is not None:
                 tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}

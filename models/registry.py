@@ -28,7 +28,7 @@ WAN_FILES = {
 
 # Tiny flavours: a 7M-parameter DiT over a compact linear latent (PCA codec), a frozen 2-layer umT5 with a
 # byte-level tokenizer, and a 2-layer CLIP tower. TINY_Z is the latent width (codec channels), TINY_STRIDE the
-# codec's spatial stride: 4x4x4 blocks, 16 channels (64 values per 2x2 DiT token; 320 tokens for 17x64x64).
+# codec's spatial stride: 4x4x4 blocks, 16 channels (64 values per 2x2 DiT token; 108 tokens for the default 9x48x48 clips).
 TINY_Z = 16
 TINY_STRIDE = 4
 TINY_TEXT = dict(vocab_size=259, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
@@ -82,7 +82,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dit=dict(model_type="t2v", in_dim=TINY_Z, **_TINY_DIT),
         vae=dict(type="pca_codec", z_dim=TINY_Z, spatial_stride=TINY_STRIDE),
         text_encoder=dict(type="umt5", **TINY_TEXT),
-        tokenizer=dict(type="byte"), sample=dict(frames=17, height=64, width=64)),
+        tokenizer=dict(type="byte"), sample=dict(frames=9, height=48, width=48)),
     "tiny-i2v": ModelSpec(
         "tiny-i2v",
         # I2V input = noisy latent (z) + mask (4) + VAE latent of the first frame (z), as in Wan.
@@ -90,7 +90,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vae=dict(type="pca_codec", z_dim=TINY_Z, spatial_stride=TINY_STRIDE),
         text_encoder=dict(type="umt5", **TINY_TEXT),
         tokenizer=dict(type="byte"), image_encoder=dict(type="clip", **TINY_CLIP),
-        sample=dict(frames=17, height=64, width=64)),
+        sample=dict(frames=9, height=48, width=48)),
 }
 
 

@@ -4,7 +4,7 @@
 2. distil it with DMD into a 4-step CFG-free student (a short run of configs/tiny/t2v_dmd.yaml);
 3. print the teacher-vs-student table measured with the shapes evaluator, and write sample videos.
 
-    python -m scripts.demo [--steps 300] [--prompts 24] [--seeds 1] [--out runs/demo]
+    python -m scripts.demo [--steps 600] [--prompts 24] [--seeds 1] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ STUDENT_CFG = "configs/tiny/t2v_distill_4step.json"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="DMD iterations of the short distillation")
+    p.add_argument("--steps", type=int, default=600, help="DMD iterations of the short distillation")
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", default="runs/demo")

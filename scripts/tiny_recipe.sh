@@ -1,51 +1,119 @@
 #!/usr/bin/env bash
 # The full tiny recipe, stage by stage; every shipped tiny checkpoint and table comes from here.
-#   bash scripts/tiny_recipe.sh components|t2v_teacher|i2v_teacher|t2v_student|i2v_student|tables|all
+#   bash scripts/tiny_recipe.sh components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|all
+#   bash scripts/tiny_recipe.sh sweep      # DMD variants (init x lr, full vs LoRA mode) -> one quality table
+#   bash scripts/tiny_recipe.sh lanes      # everything after the T2V teacher as parallel lanes (a GPU machine)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
+# EXTRA="key=value ..." is appended to every training command (e.g. a smoke test: EXTRA="max_steps=2").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 LAUNCH=${LAUNCH:-$PY}   # e.g. LAUNCH="accelerate launch --multi_gpu --num_processes 2"
 R=benchmarks/results
+EXTRA=${EXTRA:-}
+QUALITY=${QUALITY:-"--prompts 96 --seeds 2"}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}  # seconds per training run in `sweep`/`lanes` (0: none); the export then uses the
+                                   # run's last checkpoint
 
 components() { $PY -m scripts.make_tiny_components --out checkpoints/tiny-components; }
 
 t2v_teacher() {
-  $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml "$@"
+  $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml $EXTRA "$@"
   $PY -m distill.export --run runs/tiny_t2v_teacher_48 --out checkpoints/tiny-t2v-teacher --dtype bf16
 }
 
 i2v_teacher() {
-  $LAUNCH train.py --config configs/tiny/i2v_teacher.yaml "$@"
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/tiny/i2v_teacher.yaml $EXTRA "$@" || echo "train exit $?"
   $PY -m distill.export --run runs/tiny_i2v_teacher --out checkpoints/tiny-i2v-teacher --dtype bf16
 }
 
 t2v_student() {  # ODE-regression init, then DMD from it; full student + rank-64 LoRA
-  $LAUNCH train.py --config configs/tiny/t2v_ode.yaml
-  $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model "$@"
+  $LAUNCH train.py --config configs/tiny/t2v_ode.yaml $EXTRA
+  $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model $EXTRA "$@"
   $PY -m distill.export --run runs/tiny_t2v_dmd --out checkpoints/tiny-t2v-distill-4step --dtype bf16 \
       --lora checkpoints/tiny-t2v-distill-lora-r64.safetensors --lora-rank 64 --lora-min-numel 32768
 }
 
+t2v_lora_mode() {  # LoRA-mode DMD from the teacher: the rank-64 adapter itself is the shipped LoRA (no SVD)
+  $LAUNCH train.py --config configs/tiny/t2v_dmd_lora.yaml $EXTRA "$@"
+  $PY -m distill.export --run runs/tiny_t2v_dmd_lora --out runs/tiny_t2v_dmd_lora/model --dtype bf16 \
+      --lora checkpoints/tiny-t2v-lora-mode-r64.safetensors
+}
+
 i2v_student() {
-  $LAUNCH train.py --config configs/tiny/i2v_dmd.yaml "$@"
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/tiny/i2v_dmd.yaml $EXTRA "$@" || echo "train exit $?"
   $PY -m distill.export --run runs/tiny_i2v_dmd --out checkpoints/tiny-i2v-distill-4step --dtype bf16
+}
+
+i2v_table() {
+  I=configs/tiny/i2v_teacher.json
+  $PY -m benchmarks.quality $QUALITY --out $R/i2v_quality \
+      --config "$I:infer_steps=40" --config "$I:infer_steps=4,enable_cfg=false" --config configs/tiny/i2v_distill_4step.json
 }
 
 tables() {
   T=configs/tiny/t2v_teacher.json
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_quality \
       --config $T --config "$T:enable_cfg=false" --config "$T:infer_steps=4" --config "$T:infer_steps=4,enable_cfg=false" \
-      --config configs/tiny/t2v_distill_4step.json --config configs/tiny/t2v_distill_4step_lora.json
-  I=configs/tiny/i2v_teacher.json
-  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/i2v_quality \
-      --config "$I:infer_steps=40" --config "$I:infer_steps=4,enable_cfg=false" --config configs/tiny/i2v_distill_4step.json
+      --config configs/tiny/t2v_distill_4step.json --config configs/tiny/t2v_distill_4step_lora.json \
+      --config configs/tiny/t2v_distill_4step_lora_mode.json
+  i2v_table
   $PY -m benchmarks.speed --repeats 5 --out $R/t2v_speed --config $T --config configs/tiny/t2v_distill_4step.json
+}
+
+# One DMD variant of the sweep: name, config, overrides. Trains under runs/sweep/<name> (resumable) and exports
+# the (EMA) student to runs/sweep/<name>/model in bf16 (LoRA mode: the adapters merged into the teacher).
+variant() {
+  local name=$1 config=$2; shift 2
+  mkdir -p runs/sweep/logs
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config "$config" run_dir=runs/sweep/$name output_model=null \
+      logging.sample_every=0 "$@" $EXTRA > runs/sweep/logs/$name.log 2>&1 || echo "$name: train exit $?"
+  $PY -m distill.export --run runs/sweep/$name --out runs/sweep/$name/model --dtype bf16 >> runs/sweep/logs/$name.log \
+      2>&1 || echo "$name: export failed (runs/sweep/logs/$name.log)"
+}
+
+SWEEP="dmd_teacher_lr3e-5 dmd_teacher_lr1e-4 dmd_ode_lr3e-5 dmd_ode_lr1e-4 lora_lr1e-4 lora_lr3e-4"
+sweep_variant() {  # the sweep's variants by name (generator init x learning rate; LoRA mode x learning rate)
+  local D=configs/tiny/t2v_dmd.yaml L=configs/tiny/t2v_dmd_lora.yaml ODE=model.generator_init=runs/tiny_t2v_ode/model
+  case "$1" in
+    dmd_teacher_lr3e-5) variant "$1" $D optim.lr=3e-5 dmd.lr_critic=3e-5 max_steps=1500 ;;
+    dmd_teacher_lr1e-4) variant "$1" $D optim.lr=1e-4 dmd.lr_critic=1e-4 max_steps=1500 ;;
+    dmd_ode_lr3e-5) variant "$1" $D $ODE optim.lr=3e-5 dmd.lr_critic=3e-5 max_steps=1750 ;;
+    dmd_ode_lr1e-4) variant "$1" $D $ODE optim.lr=1e-4 dmd.lr_critic=1e-4 max_steps=1750 ;;
+    lora_lr1e-4) variant "$1" $L optim.lr=1e-4 dmd.lr_critic=1e-4 max_steps=1250 ;;
+    lora_lr3e-4) variant "$1" $L optim.lr=3e-4 dmd.lr_critic=3e-4 max_steps=1250 ;;
+    *) echo "unknown sweep variant $1" >&2; return 2 ;;
+  esac
+}
+
+ode() { [ -f runs/tiny_t2v_ode/model/config.json ] || timeout "$STAGE_TIMEOUT" $LAUNCH train.py \
+          --config configs/tiny/t2v_ode.yaml $EXTRA > runs/sweep/logs/ode.log 2>&1 || echo "ode: exit $?"; }
+
+sweep_table() {  # every variant's student next to the teacher's rows: benchmarks/results/t2v_dmd_sweep.{md,json,png}
+  T=configs/tiny/t2v_teacher.json S=configs/tiny/t2v_distill_4step.json
+  args=(--config $T --config "$T:infer_steps=4,enable_cfg=false")
+  for v in $SWEEP; do [ -d runs/sweep/$v/model ] && args+=(--config "$S:model_path=runs/sweep/$v/model"); done
+  $PY -m benchmarks.quality $QUALITY --out $R/t2v_dmd_sweep "${args[@]}"
+}
+
+sweep() {  # one after another (CPU); `lanes` runs them side by side
+  mkdir -p runs/sweep/logs; ode
+  for v in $SWEEP; do sweep_variant "$v"; done
+  sweep_table
+}
+
+lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V student | ODE -> sweep variants
+  mkdir -p runs/sweep/logs
+  ( i2v_teacher > runs/sweep/logs/i2v_teacher.log 2>&1; i2v_student > runs/sweep/logs/i2v_student.log 2>&1 ) &
+  for v in $SWEEP; do case $v in *ode*) ;; *) sweep_variant "$v" & ;; esac; done
+  ode; for v in $SWEEP; do case $v in *ode*) sweep_variant "$v" & ;; esac; done
+  wait
+  sweep_table; i2v_table
 }
 
 stage=${1:-all}; shift || true
 case "$stage" in
-  all) components; t2v_teacher; i2v_teacher; t2v_student; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|i2v_student|tables) "$stage" "$@" ;;
+  all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|sweep|sweep_table|i2v_table|lanes) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
