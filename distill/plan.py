@@ -117,17 +117,23 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers: int, checkpointing: bool,
-                           autocast: bool) -> int:
+                           autocast: bool, lora: tuple[int, tuple[str, ...]] | None = None) -> int:
     """Bytes autograd keeps for backward in one forward of a `num_layers`-block DiT of `config` at batch 1,
     parameters and autocast's bf16 copies of them excluded; distinct storages counted once (views share them).
 
     Run for real on the CPU (uninitialised weights: only sizes matter) with CPU bf16 autocast when `autocast`,
     so dtypes follow the model's own casts; attention is replaced by `_FusedAttention` (what the flash and
-    memory-efficient kernels save)."""
+    memory-efficient kernels save). `lora` = (rank, target regexes): LoRA mode, adapters on a frozen base and an
+    input that needs no gradient (what the generator sees): frozen layers then save only what the adapters and
+    the input gradients of later layers need."""
     with torch.device("meta"):
         model = WanModel.from_config({**config, "num_layers": num_layers})
     model = model.to_empty(device="cpu")
     model.gradient_checkpointing = checkpointing
+    if lora is not None:
+        from distill.adapters import with_lora
+
+        model = with_lora(model.requires_grad_(False), lora[0], float(lora[0]), lora[1])
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     param_ids = {id(p) for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -149,7 +155,7 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
 
     f, h, w = grid
     z = config["out_dim"]
-    x = torch.zeros(1, z, f, h, w, requires_grad=True)
+    x = torch.zeros(1, z, f, h, w, requires_grad=lora is None)
     y = torch.zeros(1, config["in_dim"] - z, f, h, w) if config["model_type"] in ("i2v", "flf2v") else None
     ctx = torch.zeros(1, config["text_len"], config.get("text_dim", 4096))
     clip = torch.zeros(1, 257, config.get("clip_dim", 1280)) if y is not None else None
@@ -166,8 +172,8 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
 
 @functools.lru_cache(maxsize=64)
 def _activation_memory(config_json: str, tokens: int, batch: int, checkpointing: bool, autocast: bool,
-                       extra_blocks: float) -> float:
-    return activation_memory(json.loads(config_json), tokens, batch, checkpointing, autocast, extra_blocks)
+                       extra_blocks: float, lora: tuple[int, tuple[str, ...]] | None) -> float:
+    return activation_memory(json.loads(config_json), tokens, batch, checkpointing, autocast, extra_blocks, lora)
 
 
 def narrowed(config: dict, max_dim: int = 768) -> tuple[dict, int]:
@@ -182,7 +188,7 @@ def narrowed(config: dict, max_dim: int = 768) -> tuple[dict, int]:
 
 
 def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool, autocast: bool,
-                      extra_blocks: float = 0.0) -> float:
+                      extra_blocks: float = 0.0, lora: tuple[int, tuple[str, ...]] | None = None) -> float:
     """Bytes of activations at the peak of one forward + backward of the full DiT on `tokens` tokens.
 
     Saved bytes are affine in the tokens (fused attention: no tokens^2 term) and in the number of blocks, so
@@ -190,12 +196,15 @@ def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool
     constants (the text context's keys and values are the constants). Without checkpointing: every block's
     saved tensors; with it: every block's input, plus one block's saved tensors while it is recomputed.
     `extra_blocks`: blocks' worth of transient memory beside the saved graph (DMD: the no-grad teacher forward
-    with CFG, at twice the batch, runs while the generator's graph is alive; DMD_TRANSIENT_BLOCKS)."""
+    with CFG, at twice the batch, runs while the generator's graph is alive; DMD_TRANSIENT_BLOCKS). `lora`:
+    (rank, targets) of LoRA mode (`saved_activation_bytes`)."""
 
     small, k = narrowed(config)
+    # the adapters' rank-r tensors do not narrow with the width: trace rank r / k so that k times it is r
+    small_lora = None if lora is None else (max(1, lora[0] // k), tuple(lora[1]))
 
     def saved(layers: int, ckpt: bool) -> tuple[float, float]:  # (bytes per token, constant) of a forward
-        a, b = (k * saved_activation_bytes(small, (g, 8, 8), layers, ckpt, autocast) for g in (1, 2))
+        a, b = (k * saved_activation_bytes(small, (g, 8, 8), layers, ckpt, autocast, small_lora) for g in (1, 2))
         return float(b - a) / 16, float(2 * a - b)
 
     (s1, c1), (s2, c2) = saved(1, False), saved(2, False)
@@ -250,7 +259,7 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     ckpt = cfg.model.gradient_checkpointing
     extra = DMD_TRANSIENT_BLOCKS if cfg.task == "dmd" else 0.0
     mem["activations"] = _activation_memory(json.dumps(config, sort_keys=True), tokens, cfg.batch_size, ckpt, mixed,
-                                            extra)
+                                            extra, (cfg.lora.rank, tuple(cfg.lora.target_modules)) if lora else None)
     # foreach AdamW builds one parameter-sized fp32 temporary of the network it steps
     mem["optimizer step temporary (fp32)"] = 0.0 if offload else 4 * trainable / state_shard
     mem = {k: v / GB for k, v in mem.items()}
