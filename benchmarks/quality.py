@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from data.evaluate import diversity, evaluate_set, ground_truth_results
-from data.shapes import PROMPTS, ShapesWorld, first_frame
+from data.shapes import PROMPTS, SHAPES, ShapesWorld, first_frame
 
 EVAL_SEED = 900_000  # far from the training seeds (distill/data.py starts at data.seed * 1_000_003)
 
@@ -90,13 +91,15 @@ def run_config(spec: RunSpec, prompts: list[str], seeds: int, batch: int) -> tup
 
 def markdown(rows: list[dict]) -> str:
     i2v = any(r["task"] == "i2v" for r in rows)
-    head = ["config", "NFE", "s/video", "colour", "shape", "direction", "joint", "valid", "diversity"]
+    head = ["config", "NFE", "s/video", "colour", "shape", "direction", "joint", "valid", "diversity",
+            "shape by prompt (" + " / ".join(SHAPES) + ")"]
     head += ["PSNR f0 (dB)", "identity"] if i2v else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['config']}`", f"{r['nfe']:.0f}", f"{r['sec_per_video']:.2f}"]
         cells += [f"{100 * r[k]:.1f}%" for k in ("colour_acc", "shape_acc", "direction_acc", "joint_acc", "valid_rate")]
-        cells += [f"{r['diversity']:.2f}"]
+        cells += [f"{r['diversity']:.2f}", " / ".join(f"{100 * r['shape_acc_by_prompt'].get(s, math.nan):.0f}%"
+                                                      for s in SHAPES)]
         if i2v:
             cells += [f"{r.get('first_frame_psnr', float('nan')):.1f}", f"{100 * r.get('identity_rate', 0):.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -191,6 +191,11 @@ def evaluate_set(videos: Iterable[np.ndarray], prompts: Sequence[str],
     out = {"n": n, "valid_rate": sum(r["valid"] for r in results) / n}
     for k in ("colour", "shape", "direction", "joint"):
         out[f"{k}_acc"] = sum(bool(r[f"{k}_correct"]) for r in results) / n
+    out["shape_acc_by_prompt"] = {}  # shape accuracy among the videos whose prompt names that shape
+    for s in SHAPES:
+        rs = [r for r, p in zip(results, prompts, strict=True) if parse_prompt(p)[1] == s]
+        if rs:
+            out["shape_acc_by_prompt"][s] = sum(bool(r["shape_correct"]) for r in rs) / len(rs)
     if images is not None:
         out["first_frame_psnr"] = float(np.mean([min(r["first_frame_psnr"], 100.0) for r in results]))
         out["identity_rate"] = sum(r["identity"] for r in results) / n

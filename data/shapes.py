@@ -141,13 +141,15 @@ class ShapesWorld:
         travel = min(rng.uniform(*self.travel_range) * along, room)
         lo_x, hi_x = self.margin + size / 2, self.width - self.margin - size / 2
         lo_y, hi_y = self.margin + size / 2, self.height - self.margin - size / 2
-        if dx:  # start so that the end stays inside: the free slack is room - travel
-            start = rng.uniform(lo_x, hi_x - travel)
+        # start so that the end stays inside: the free slack is room - travel (>= 0; max() absorbs rounding when
+        # the travel is capped at the room)
+        if dx:
+            start = rng.uniform(lo_x, max(hi_x - travel, lo_x))
             x0 = start if dx > 0 else lo_x + hi_x - start
             y0 = rng.uniform(lo_y, hi_y)
         else:
             x0 = rng.uniform(lo_x, hi_x)
-            start = rng.uniform(lo_y, hi_y - travel)
+            start = rng.uniform(lo_y, max(hi_y - travel, lo_y))
             y0 = start if dy > 0 else lo_y + hi_y - start
         speed = travel / max(self.num_frames - 1, 1)
         return ShapeParams(colour, shape, direction, float(size), float(x0), float(y0), float(speed))

@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.shapes import ShapesWorld
+
 LORA_TARGETS = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)", r"blocks\.\d+\.ffn\.(0|2)")
 
 TASKS = ("pretrain", "ode", "dmd")
@@ -43,6 +45,11 @@ class DataConfig:
     width: int = 48
     cfg_dropout: float = 0.1  # probability of replacing the prompt by "" (classifier-free guidance training)
     seed: int = 0
+    object_size: list[float] = field(default_factory=lambda: [0.2, 0.32])  # shapes: side range (of min(H, W))
+
+    def world(self) -> ShapesWorld:
+        """The shapes world these settings render (frames, size, object size range)."""
+        return ShapesWorld(self.num_frames, self.height, self.width, size_range=tuple(self.object_size))
 
 
 @dataclass
@@ -183,6 +190,11 @@ class TrainConfig:
             raise ValueError(f"data.num_frames must be 4n+1, got {self.data.num_frames}")
         if self.data.height % 16 or self.data.width % 16:
             raise ValueError(f"data.height/width must be multiples of 16, got {self.data.height}x{self.data.width}")
+        if len(self.data.object_size) != 2:
+            raise ValueError(f"data.object_size must be [min, max] (object side, fraction of min(height, width)), "
+                             f"got {list(self.data.object_size)}")
+        if self.data.source == "shapes":
+            self.data.world()  # ShapesWorld checks the object size range against the frame and the travel
         if self.pretrain.timestep_shift <= 0:
             raise ValueError("pretrain.timestep_shift must be > 0")
         if self.task in ("ode", "dmd") and self.model.path is None:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from data.shapes import PROMPTS, ShapesWorld
+from data.shapes import PROMPTS
 from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.data import PromptBatches, TextCache
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.prompts import load_prompt_images, load_prompts
-from distill.trainer import Trainer
+from distill.trainer import Metrics, Trainer
 from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
 from inference.pipeline import WanPipeline
 from inference.sampling import backward_simulation
@@ -135,7 +135,7 @@ class DMDTrainer(Trainer):
         world, images = None, None
         if cfg.data.source == "shapes":
             prompts = list(PROMPTS)
-            world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+            world = cfg.data.world()
         elif self.task == "i2v":
             prompts, images = load_prompt_images(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
         else:
@@ -158,10 +158,10 @@ class DMDTrainer(Trainer):
         """The graded exit step, drawn from (seed, step) only: identical on every rank without communication."""
         return int(torch.randint(self.scheduler.num_steps, (1,), generator=seeded(self.cfg.seed, step, phase, 7)))
 
-    def generator_step(self, step: int) -> dict[str, float]:
+    def generator_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
         k = self.exit_step(step, 0)
-        logs: dict[str, float] = {"exit_step": float(k)}
+        logs: Metrics = {"exit_step": float(k)}
         for micro in range(cfg.grad_accum):
             cond, uncond, noise, rng = self._batch(step, micro, 0)
             last = micro == cfg.grad_accum - 1
@@ -175,12 +175,12 @@ class DMDTrainer(Trainer):
                     return {"generator_skipped": 1.0}
                 self.backward("generator", loss, last)
             logs.update(m)
-            logs["generator_loss"] = logs.get("generator_loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+            logs["generator_loss"] = logs.get("generator_loss", 0.0) + loss.detach() / cfg.grad_accum
         logs["generator_grad_norm"] = self.clip_and_step("generator", cfg.optim.grad_clip)
         self.ema.update(self.unwrap(self.gen), step)
         return logs
 
-    def critic_step(self, step: int) -> dict[str, float]:
+    def critic_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
         k = self.exit_step(step, 1)
         total = 0.0
@@ -196,13 +196,13 @@ class DMDTrainer(Trainer):
                     self.opt_c.zero_grad(set_to_none=True)
                     return {"critic_skipped": 1.0}
                 self.backward("critic", loss, last)
-            total += float(loss.detach()) / cfg.grad_accum
+            total = total + loss.detach() / cfg.grad_accum
         return {"critic_loss": total, "critic_grad_norm": self.clip_and_step("critic", cfg.dmd.grad_clip_critic)}
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> Metrics:
         for group in self.opt_g.param_groups:
             group["lr"] = self.lr_at(step, self.cfg.optim.lr)
-        logs: dict[str, float] = {}
+        logs: Metrics = {}
         if step % self.cfg.dmd.dfake_gen_update_ratio == 0:
             logs.update(self.generator_step(step))
         logs.update(self.critic_step(step))

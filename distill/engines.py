@@ -255,7 +255,7 @@ class FSDP2Engine(ShardedEngine):
         norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
 
     def full_state_dict(self, net):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -18,10 +18,8 @@ from tqdm import tqdm
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg, enabled: bool = True) -> None:
         self.enabled, self.cfg, self.run_dir = enabled, cfg, Path(run_dir)
-        self.every = cfg.logging.every
         self.bar: tqdm | None = None
         self.wandb = None
-        self.pending: dict[str, list[float]] = {}  # metrics since the last written row (e.g. generator steps)
         if not enabled:
             return
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
@@ -40,19 +38,15 @@ class MetricsLogger:
         if self.enabled:
             self.bar = tqdm(total=total, initial=step, desc=self.cfg.task, dynamic_ncols=True, mininterval=5)
 
+    def tick(self) -> None:
+        """One training step done (the progress bar)."""
+        if self.enabled and self.bar is not None:
+            self.bar.update(1)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write one row: `metrics` are already the means since the previous row (Trainer.log_metrics)."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.update(1)
-        for k, v in metrics.items():
-            self.pending.setdefault(k, []).append(float(v))
-        if step % self.every and step != self.cfg.max_steps:
-            return
-        # Each row holds the mean of every metric over the steps since the previous row, so metrics that only
-        # some steps produce (the generator's, every dfake_gen_update_ratio steps) are never dropped.
-        metrics = {k: sum(v) / len(v) for k, v in self.pending.items()}
-        self.pending = {}
         row = {"step": step, "time": round(time.time(), 3), **metrics}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()

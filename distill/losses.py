@@ -74,7 +74,7 @@ def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guid
 
 def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
              t_min: float = 20.0, t_max: float = 980.0,
-             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), dmd.md steps 2-4.
 
         x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
@@ -97,7 +97,8 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
         grad = torch.nan_to_num((fake - real) / norm, nan=0.0, posinf=0.0, neginf=0.0)
     x64 = x.double()
     loss = 0.5 * (x64 - (x64 - grad.double()).detach()).pow(2).mean()
-    return loss.float(), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt()), "critic_t": float(1000 * s.mean())}
+    # metrics stay 0-dim device tensors: the trainer copies them to the host only at logging steps
+    return loss.float(), {"dmd_grad_norm": grad.pow(2).mean().sqrt(), "critic_t": 1000 * s.mean()}
 
 
 def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from data.shapes import PROMPTS, ShapesWorld
+from data.shapes import PROMPTS
 from distill.data import PromptBatches, TextCache
 from distill.losses import Cond, guided_x0, ode_regression_loss
 from distill.prompts import load_prompts
-from distill.trainer import Trainer
+from distill.trainer import Metrics, Trainer
 from inference.config import WAN_NEGATIVE_PROMPT
 from inference.flow import shift_sigma
 from inference.schedulers import DistillScheduler, FlowEulerScheduler
@@ -80,7 +80,7 @@ class ODETrainer(Trainer):
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
         self.sigmas = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift).sigmas[:-1]
         negative = WAN_NEGATIVE_PROMPT if cfg.distill.negative_prompt is None else cfg.distill.negative_prompt
-        world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width) \
+        world = cfg.data.world() \
             if cfg.data.source == "shapes" else None
         prompts = list(PROMPTS) if world is not None else load_prompts(cfg.data.prompt_path)
         self.text = TextCache(text_encoder, prompts + [negative], teacher.text_len)
@@ -137,7 +137,7 @@ class ODETrainer(Trainer):
                 parts["prompts"] += json.loads(meta["prompts"])
         return {k: (torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v) for k, v in parts.items()}
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step, cfg.optim.lr)
@@ -157,7 +157,7 @@ class ODETrainer(Trainer):
             self.opt.zero_grad(set_to_none=True)
             return {"skipped": 1.0}
         acc.backward(loss)
-        return {"loss": float(loss.detach()), "grad_norm": self.clip_and_step("generator"),
+        return {"loss": loss.detach(), "grad_norm": self.clip_and_step("generator"),
                 "lr": self.opt.param_groups[0]["lr"]}
 
     def export(self) -> Path:

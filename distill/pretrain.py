@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from data.shapes import ShapesWorld
 from distill.data import ShapesBatches, TextCache, all_prompts
 from distill.ema import EMA
 from distill.losses import flow_matching_loss
-from distill.trainer import Trainer
+from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.pipeline import WanPipeline
 from models.components import build_dit, copy_components, load_dit, load_encoders
@@ -72,13 +71,13 @@ class PretrainTrainer(Trainer):
                                 weight_decay=cfg.optim.weight_decay)
         self.dit, self.opt = self.accelerator.prepare(dit, opt)
         self.networks, self.optimizers, self.extra_state = {"model": self.dit}, {"model": self.opt}, {"ema": self.ema}
-        world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        world = cfg.data.world()
         text = TextCache(self.text_encoder, all_prompts(), dit.text_len)
         self.data = ShapesBatches(world, self.vae, text, cfg.data.cfg_dropout, cfg.data.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes,
                                   self.image_encoder)
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
         lr = self.lr_at(step, cfg.optim.lr)
         for group in self.opt.param_groups:
@@ -102,7 +101,7 @@ class PretrainTrainer(Trainer):
             losses.append(loss.detach())
         norm = self.clip_and_step("model")
         self.ema.update(self.unwrap(self.dit), step)
-        return {"loss": float(torch.stack(losses).mean()), "grad_norm": norm, "lr": lr}
+        return {"loss": torch.stack(losses).mean(), "grad_norm": norm, "lr": lr}
 
     def ema_model(self) -> WanModel:
         model = copy.deepcopy(self.unwrap(self.dit)).eval().requires_grad_(False)

@@ -24,6 +24,7 @@ from distill.engines import ShardedEngine, launcher_only, make_engine, resolve_e
 from distill.logger import MetricsLogger
 
 MAX_NONFINITE = 5  # consecutive non-finite losses before the run stops (checkpoint left intact)
+Metrics = dict[str, float | torch.Tensor]  # one step's metrics: 0-dim device tensors until a logging step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +59,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
+        self.pending: dict[str, tuple[torch.Tensor | float, int]] = {}  # metric sums and counts since the last row
         self.nonfinite: dict[str, int] = {}  # consecutive non-finite losses, per loss (generator, critic, ...)
         self.networks: dict[str, nn.Module] = {}  # trainable networks saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -73,7 +75,7 @@ class Trainer:
     def build(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define build()")
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> Metrics:
         raise NotImplementedError(f"{type(self).__name__} must define train_step()")
 
     def export(self) -> Path | None:
@@ -86,14 +88,13 @@ class Trainer:
     def write_samples(self, step: int, pipe) -> None:
         """Generate `logging.sample_prompts` with `pipe` from fixed seeds and log the mp4 files (I2V: the shapes
         world's first frame of each prompt at the sample seed is the conditioning image)."""
-        from data.shapes import ShapesWorld
         from inference.video import save_video
 
         cfg = self.cfg
         prompts = cfg.logging.sample_prompts
         image = None
         if pipe.cfg.task == "i2v":
-            world = ShapesWorld(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+            world = cfg.data.world()
             image = [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
         for i, video in enumerate(pipe.generate(prompts, image=image)):
             path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
@@ -118,9 +119,9 @@ class Trainer:
         warm = self.cfg.optim.warmup_steps
         return base_lr * min(1.0, (step + 1) / warm) if warm > 0 else base_lr
 
-    def clip_and_step(self, name: str, max_norm: float | None = None) -> float:
+    def clip_and_step(self, name: str, max_norm: float | None = None) -> torch.Tensor | float:
         """Clip the gradient norm of network `name` to `max_norm` (default optim.grad_clip), step its optimizer,
-        zero grads; returns the norm before clipping."""
+        zero grads; returns the norm before clipping (a device tensor: read it at logging steps only)."""
         net, opt = self.networks[name], self.optimizers[name]
         max_norm = self.cfg.optim.grad_clip if max_norm is None else max_norm
         if self.engine:  # DeepSpeed clips with the max_norm given to its config (the same value)
@@ -128,7 +129,7 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(net.parameters(), max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def no_sync(self, name: str, last: bool) -> contextlib.AbstractContextManager:
         """Gradient accumulation: skip the gradient reduction of network `name` unless `last` micro-batch."""
@@ -168,14 +169,27 @@ class Trainer:
                 f"checkpoint in {self.ckpt_dir} is intact; lower the learning rate or check the data.")
         return False
 
-    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Average the scalar metrics over the processes (each rank's loss is a mean over its own batch, so the
-        average is the loss of the global batch); every rank must return the same keys in the same order."""
-        if self.accelerator.num_processes == 1 or not metrics:
-            return metrics
-        values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=self.device)
-        values = self.accelerator.reduce(values, "mean")
-        return dict(zip(metrics, values.tolist()))
+    def log_metrics(self, step: int, metrics: Metrics) -> None:
+        """Collect one step's metrics (0-dim tensors stay on the device: no host sync per step) and, every
+        `logging.every` steps and at the last, write the mean of each metric since the previous row.
+
+        A row's means are one stacked tensor: one all-reduce over the processes (each rank's loss is a mean
+        over its own batch, so the average is the loss of the global batch) and one copy to the host. Metrics
+        that only some steps produce (the generator's, every dfake_gen_update_ratio steps) average over those
+        steps; every rank produces the same keys on the same steps, so the collective lines up."""
+        for k, v in metrics.items():
+            total, count = self.pending.get(k, (0.0, 0))
+            self.pending[k] = (total + (v.detach().float() if torch.is_tensor(v) else float(v)), count + 1)
+        self.logger.tick()
+        if step % self.cfg.logging.every and step != self.cfg.max_steps:
+            return
+        keys = list(self.pending)
+        means = torch.stack([torch.as_tensor(t / n, dtype=torch.float64, device=self.device).reshape(())
+                             for t, n in self.pending.values()])
+        self.pending = {}
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, "mean")
+        self.logger.log(step, dict(zip(keys, means.tolist(), strict=True)))
 
     def network_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
         net = self.unwrap(net)
@@ -268,9 +282,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self.train_step(self.step)
                 self.step += 1
-                metrics["step_time"] = time.perf_counter() - t0
-                metrics = self.reduce_metrics(metrics)
-                self.logger.log(self.step, metrics)
+                metrics["step_time"] = time.perf_counter() - t0  # launch time on CUDA (no sync here)
+                self.log_metrics(self.step, metrics)
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
                     self.save()
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.exports_here:

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,11 @@ from models.loading import (
 )
 from models.t5 import ByteTokenizer, HFTokenizer, TextEncoder, UMT5Encoder
 from models.wan_model import WanModel
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+TOKENIZER_DIR = "tokenizer"  # tiny folders: a tokenizer.json written by save_components
 
 
 @dataclass
@@ -139,8 +144,12 @@ def load_model_folder(folder: str | Path, task: str, distill: bool = False, dit_
 
 
 def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder, image_model: nn.Module | None,
-                    tokenizer: str = "byte") -> Path:
-    """Write a tiny folder's non-DiT components + components.json (safetensors, fp32)."""
+                    tokenizer: str | Tokenizer = "byte") -> Path:
+    """Write a tiny folder's non-DiT components + components.json (safetensors, fp32).
+
+    `tokenizer`: "byte" (no file), or a `tokenizers.Tokenizer` written to `tokenizer/tokenizer.json` and read
+    back through the umT5 tokenizer path (type "hf").
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table: dict[str, Any] = {}
@@ -152,7 +161,12 @@ def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder,
         table["vae"] = {"type": "wan_vae", "file": "vae.safetensors", "config": vae.config}
     write_safetensors(text_model.state_dict(), folder / "text_encoder.safetensors")
     table["text_encoder"] = {"type": "umt5", "file": "text_encoder.safetensors", "config": text_model.config}
-    table["tokenizer"] = {"type": tokenizer}
+    if isinstance(tokenizer, str):
+        table["tokenizer"] = {"type": tokenizer}
+    else:
+        (folder / TOKENIZER_DIR).mkdir(exist_ok=True)
+        tokenizer.save(str(folder / TOKENIZER_DIR / HFTokenizer.FILE))
+        table["tokenizer"] = {"type": "hf", "path": TOKENIZER_DIR}
     if image_model is not None:
         write_safetensors(image_model.state_dict(), folder / "image_encoder.safetensors")
         table["image_encoder"] = {"type": "clip", "file": "image_encoder.safetensors", "config": image_model.config}
@@ -178,3 +192,5 @@ def copy_components(src: str | Path, dst: str | Path) -> None:
     for entry in table.values():
         if "file" in entry:
             shutil.copy2(src / entry["file"], dst / entry["file"])
+        elif "path" in entry:
+            shutil.copytree(src / entry["path"], dst / entry["path"], dirs_exist_ok=True)

@@ -28,7 +28,8 @@ WAN_FILES = {
 
 # Tiny flavours: a 7M-parameter DiT over a compact linear latent (PCA codec), a frozen 2-layer umT5 with a
 # byte-level tokenizer, and a 2-layer CLIP tower. TINY_Z is the latent width (codec channels), TINY_STRIDE the
-# codec's spatial stride: 4x4x4 blocks, 16 channels (64 values per 2x2 DiT token; 108 tokens for the default 9x48x48 clips).
+# codec's spatial stride: 4x4x4 blocks, 16 channels (64 values per 2x2 DiT token; 108 tokens for the default
+# 9x48x48 clips).
 TINY_Z = 16
 TINY_STRIDE = 4
 TINY_TEXT = dict(vocab_size=259, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)

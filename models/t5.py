@@ -228,6 +228,25 @@ class ByteTokenizer:
         return _pack([self.encode(t) for t in texts], max_len, self.eos_id, self.pad_id, pad_to_max)
 
 
+def word_tokenizer(words: Sequence[str]):
+    """A word-level `tokenizers.Tokenizer` over `words` (lower-cased, split on whitespace and punctuation).
+
+    The tiny models' stand-in for umT5's SentencePiece vocabulary, in which every common word is one token:
+    ids 0/1/2 are <pad>/</s>/<unk> as in T5, then the words in sorted order; unknown words map to <unk>.
+    Saved as tokenizer.json it loads through `HFTokenizer`, the real umT5 tokenizer path.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in sorted({w.lower() for w in words}):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
 class HFTokenizer:
     """The umT5 tokenizer from a local folder's `tokenizer.json` (via `tokenizers`; never online)."""
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shapes import ShapesWorld
+from data.shapes import PROMPTS, ShapesWorld
 from models.clip import CLIPImageEncoder
 from models.codec import fit_pca_codec
 from models.components import save_components
 from models.registry import TINY_CLIP, TINY_STRIDE, TINY_TEXT, TINY_Z
-from models.t5 import UMT5Encoder
+from models.t5 import UMT5Encoder, word_tokenizer
 
 
 def main() -> None:
@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--spatial-stride", type=int, default=TINY_STRIDE)
     p.add_argument("--normalize", choices=["channel", "global"], default="global",
                    help="latent std per channel, or one for all (keeps PCA's energy order; see models/codec.py)")
+    p.add_argument("--tokenizer", choices=["word", "byte"], default="byte",
+                   help="word: one token per word of the shapes-world prompts (like umT5's SentencePiece "
+                        "vocabulary); byte: UTF-8 bytes (no vocabulary)")
     p.add_argument("--videos", type=int, default=512, help="rendered videos the codec is fitted on")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64)
@@ -41,9 +44,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     text = UMT5Encoder(**{k: v for k, v in TINY_TEXT.items() if k != "type"})
     clip = CLIPImageEncoder(**{k: v for k, v in TINY_CLIP.items() if k != "type"})
-    out = save_components(Path(args.out), codec, text, clip, tokenizer="byte")
+    tokenizer = word_tokenizer(" ".join(PROMPTS).split()) if args.tokenizer == "word" else "byte"
+    out = save_components(Path(args.out), codec, text, clip, tokenizer=tokenizer)
     print(f"wrote {out}: codec z={args.z_dim} stride {args.spatial_stride} ({args.normalize} std) fitted on "
-          f"{args.videos} videos, tiny umT5, tiny CLIP")
+          f"{args.videos} videos, {args.tokenizer} tokenizer, tiny umT5, tiny CLIP")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #   bash scripts/tiny_recipe.sh components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|all
 #   bash scripts/tiny_recipe.sh sweep      # DMD variants (init x lr, full vs LoRA mode) -> one quality table
 #   bash scripts/tiny_recipe.sh lanes      # everything after the T2V teacher as parallel lanes (a GPU machine)
+#   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (README)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
 # EXTRA="key=value ..." is appended to every training command (e.g. a smoke test: EXTRA="max_steps=2").
 set -euo pipefail
@@ -61,6 +62,20 @@ tables() {
   $PY -m benchmarks.speed --repeats 5 --out $R/t2v_speed --config $T --config configs/tiny/t2v_distill_4step.json
 }
 
+teacher_probes() {  # why squares fail (README, "What misses its target"): shape probe, samplers, larger objects
+  T=configs/tiny/t2v_teacher.json
+  $PY -m benchmarks.shape_probe --config $T --out $R/t2v_teacher_shape_probe
+  $PY -m benchmarks.quality --prompts 96 --seeds 1 --out $R/t2v_teacher_samplers --config $T \
+      --config "$T:sample_shift=1" --config "$T:sample_shift=6" --config "$T:sample_solver=euler" \
+      --config "$T:infer_steps=100" --config "$T:sample_guide_scale=9"
+  $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml run_dir=runs/teacher_big_objects output_model=null \
+      model.path=checkpoints/tiny-t2v-teacher max_steps=1000 optim.warmup_steps=50 pretrain.ema_decay=0.995 \
+      data.object_size=[0.3,0.4] checkpoint.every=500 logging.sample_prompts=[] $EXTRA
+  $PY -m distill.export --run runs/teacher_big_objects --out runs/teacher_big_objects/model --dtype bf16
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_teacher_big_objects \
+      --config "$T:model_path=runs/teacher_big_objects/model"
+}
+
 # One DMD variant of the sweep: name, config, overrides. Trains under runs/sweep/<name> (resumable) and exports
 # the (EMA) student to runs/sweep/<name>/model in bf16 (LoRA mode: the adapters merged into the teacher).
 variant() {
@@ -114,6 +129,6 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|sweep|sweep_table|i2v_table|lanes) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

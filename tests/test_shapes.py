@@ -79,6 +79,22 @@ def test_object_fully_visible_and_moving(world):
         assert p.speed * (world.num_frames - 1) >= 0.25 * along - 1e-6  # clearly visible motion
 
 
+def test_large_objects_travel_capped_by_the_room():
+    """Objects so large that the sampled travel can exceed the room left: the travel is capped, the bounding box
+    stays inside the margins in every frame, and sizes follow size_range."""
+    world = ShapesWorld(9, 48, 48, size_range=(0.3, 0.4))
+    capped = 0
+    for i, prompt in enumerate(PROMPTS):
+        p = world.params(prompt, seed=i)
+        c = p.centres(world.num_frames)
+        half = p.size / 2
+        assert (c - half >= world.margin - 1e-9).all() and (c[:, 0] + half <= world.width - world.margin + 1e-9).all()
+        assert (c[:, 1] + half <= world.height - world.margin + 1e-9).all()
+        assert 0.3 * 48 <= p.size <= 0.4 * 48
+        capped += math.isclose(p.speed * (world.num_frames - 1), 48 - p.size - 2 * world.margin)
+    assert capped > 0  # the case the cap handles did occur
+
+
 def test_direction_semantics():
     ys, xs = np.mgrid[:64, :64]
     for direction, axis, sign in (("up", "y", -1), ("down", "y", 1), ("left", "x", -1), ("right", "x", 1)):
@@ -153,6 +169,11 @@ def test_evaluator_detects_wrong_attributes():
                         ("a red circle moving up", "direction")):
         r = evaluate_video(v, wrong)
         assert not r[f"{attr}_correct"] and not r["joint_correct"], wrong
+    # per-shape accuracy: squares drawn as circles count against "square" prompts only
+    circles = [WORLD.render(f"a red circle moving {d}", 3) for d in DIRECTIONS]
+    prompts = [f"a red {s} moving {d}" for s in ("circle", "square") for d in DIRECTIONS]
+    r = evaluate_set(circles + circles, prompts)
+    assert r["shape_acc_by_prompt"] == {"circle": 1.0, "square": 0.0} and r["shape_acc"] == 0.5
     # every colour is told apart from every other one
     for c in COLOURS:
         r = evaluate_video(WORLD.render(f"a {c} square moving down", 0), f"a {c} square moving down")
@@ -203,3 +224,36 @@ def test_prompt_files_round_trip(tmp_path):
     assert read_prompt_file(write_prompt_file(tmp_path / "p.txt")) == PROMPTS
     assert read_prompt_folder(write_prompt_folder(tmp_path / "prompts")) == PROMPTS
     assert read_prompt_file(write_prompt_file(tmp_path / "q.txt", PROMPTS[:3])) == PROMPTS[:3]
+
+
+def test_shape_probe_with_an_oracle_denoiser(t2v_pipe, monkeypatch):
+    """benchmarks.shape_probe decodes x0 = x_s - s v: a denoiser that returns the exact flow velocity
+    (x_s - x0) / s of the clean latent gives back the ground truth, read as the true shape at every sigma."""
+    import torch
+
+    from benchmarks.quality import EVAL_SEED
+    from benchmarks.shape_probe import SIGMAS, probe
+    from inference.pipeline import to_uint8
+    from models.codec import videos_to_tensor
+
+    class Oracle:
+        def __init__(self, x0, text_len):
+            self.x0, self.text_len = x0, text_len
+
+        def __call__(self, x, t, context, **kw):
+            return (x - self.x0) / (t.view(-1, 1, 1, 1, 1) / 1000.0)
+
+    pipe = t2v_pipe
+    world = ShapesWorld(pipe.cfg.target_video_length, pipe.cfg.target_height, pipe.cfg.target_width)
+    prompts = [p for p in PROMPTS if " square " in p]
+    gt = np.stack([world.render(p, EVAL_SEED + i) for i, p in enumerate(prompts)])
+    with torch.no_grad():
+        x0 = pipe.vae.encode(videos_to_tensor(gt)).float()
+        recon = to_uint8(pipe.vae.decode(x0))
+    monkeypatch.setattr(pipe, "dit", Oracle(x0, pipe.dit.text_len))
+    rows = probe(pipe, "square", "circle", sample=False)
+    assert [r["sigma"] for r in rows] == list(SIGMAS)
+    codec_acc = evaluate_set(list(recon), prompts)["shape_acc"]  # what a perfect denoiser can reach
+    assert codec_acc > 0.9
+    for r in rows:
+        assert r["true_acc"] == r["swapped_acc"] == codec_acc, r

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.clip import CLIP_MEAN, CLIP_STD, CLIPImageEncoder
-from models.t5 import ByteTokenizer, HFTokenizer, TextEncoder, UMT5Encoder, clean_text
+from models.t5 import ByteTokenizer, HFTokenizer, TextEncoder, UMT5Encoder, clean_text, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -217,6 +217,30 @@ def test_hf_tokenizer_local_file_matches_tokenizers_template(tmp_path):
     tk.enable_truncation(max_length=3)
     ids, mask = tok(texts, max_len=3)
     assert ids[0].tolist() == tk.encode(clean_text(texts[0])).ids and ids[0, -1].item() == 1
+
+
+def test_word_tokenizer_one_token_per_word_through_a_components_folder(tmp_path):
+    """The tiny word vocabulary is saved as tokenizer.json in a components folder, copied with it, and read
+    back through the umT5 tokenizer path: one id per word, unknown words -> <unk>, EOS last."""
+    from models.codec import PCACodec
+    from models.components import copy_components, load_encoders, save_components
+
+    words = "a red square moving left a blue circle moving up".split()
+    text = UMT5Encoder(vocab_size=32, dim=16, dim_attn=16, dim_ffn=32, num_heads=2, num_layers=1, num_buckets=8)
+    save_components(tmp_path / "src", PCACodec(4, spatial_stride=4), text, None, tokenizer=word_tokenizer(words))
+    copy_components(tmp_path / "src", tmp_path / "dst")
+    _, enc, _ = load_encoders(tmp_path / "dst", "t2v", text_len=16)
+    tok = enc.tokenizer
+    assert isinstance(tok, HFTokenizer) and (tok.pad_id, tok.eos_id) == (0, 1)
+    vocab = tok.tokenizer.get_vocab()
+    assert sorted(vocab, key=vocab.get)[3:] == sorted(set(words))  # after <pad> </s> <unk>
+    ids, mask = tok(["A Red square moving LEFT.", "a green square"], max_len=16)
+    want = [vocab[w] for w in "a red square moving left".split()]
+    assert ids[0, :7].tolist() == want + [2, 1] and int(mask[0].sum()) == 7  # "." is a token of its own: <unk>
+    assert ids[1, :4].tolist() == [vocab["a"], 2, vocab["square"], 1]  # green is unknown
+    emb = enc.encode(["a red square moving left", "a red circle moving left"])
+    diff = (emb[0] - emb[1]).norm(dim=-1)
+    assert diff[2] > 3 * diff[[0, 1, 3, 4]].max()  # the shape word's own token carries most of the difference
 
 
 def test_text_encoder_trims_batches_and_caches():

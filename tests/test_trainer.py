@@ -128,6 +128,8 @@ def test_config_unknown_key_in_yaml_names_it(tmp_path):
     (["batch_size=0"], r"batch_size"),
     (["data.cfg_dropout=1.0"], r"cfg_dropout"),
     (["mixed_precision=fp8"], r"mixed_precision"),
+    (["data.object_size=[0.3]"], r"object_size must be \[min, max\]"),
+    (["data.object_size=[0.6,0.9]"], r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"),
 ])
 def test_config_rules(overrides, rule):
     with pytest.raises(ValueError, match=rule):
@@ -466,8 +468,8 @@ def test_grad_accum_gradient_equals_big_batch(tmp_path, one_thread, monkeypatch)
     for step in range(2):
         lb, ls = big.train_step(step), small.train_step(step)
         assert big.seen == small.seen
-        assert ls["loss"] == pytest.approx(lb["loss"], rel=1e-5)
-        assert ls["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-5)
+        assert float(ls["loss"]) == pytest.approx(float(lb["loss"]), rel=1e-5)
+        assert float(ls["grad_norm"]) == pytest.approx(float(lb["grad_norm"]), rel=1e-5)
         for n, g in big.grads[step].items():
             torch.testing.assert_close(small.grads[step][n], g, rtol=1e-4, atol=1e-7, msg=n)
     for (n, a), b in zip(big.dit.named_parameters(), small.dit.parameters()):
@@ -674,3 +676,29 @@ def test_ema_follows_the_network_to_its_device():
     net.to("meta")
     ema.update(net, step=5)
     assert all(v.device.type == "meta" for v in ema.state_dict().values())
+
+
+def test_log_metrics_keeps_tensors_until_a_logging_step():
+    """Step metrics stay device tensors (no host sync per step); every `logging.every` steps one row holds the
+    mean of each metric over the steps that produced it (generator metrics appear on some steps only)."""
+    from types import SimpleNamespace
+
+    from distill.trainer import Trainer
+
+    rows, ticks = [], []
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(logging=SimpleNamespace(every=3), max_steps=100), pending={}, device=torch.device("cpu"),
+        accelerator=SimpleNamespace(num_processes=1),
+        logger=SimpleNamespace(tick=lambda: ticks.append(1), log=lambda step, m: rows.append((step, m))))
+    for step, gen in ((1, 2.0), (2, None), (3, 4.0)):
+        metrics = {"critic_loss": torch.tensor(float(step)), "lr": 0.5}
+        if gen is not None:
+            metrics["generator_loss"] = torch.tensor(gen)
+        Trainer.log_metrics(fake, step, metrics)
+        if step < 3:
+            assert rows == [] and all(torch.is_tensor(t) for t, _ in
+                                      (v for k, v in fake.pending.items() if k != "lr"))
+    assert len(ticks) == 3 and fake.pending == {}
+    step, row = rows[0]
+    assert step == 3 and row == {"critic_loss": 2.0, "lr": 0.5, "generator_loss": 3.0}
+    assert all(type(v) is float for v in row.values())
