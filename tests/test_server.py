@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inference.server import BackgroundServer, TaskManager, build_manager, create_app
+from inference.server import BackgroundServer, build_manager, create_app
+from inference.tasks import TaskManager
 
 pytestmark = pytest.mark.filterwarnings("ignore::inference.lora.LoraCoverageWarning")  # partial LoRAs on purpose
 
