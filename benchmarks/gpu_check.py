@@ -8,7 +8,7 @@ Writes <out>.json and <out>.md:
 3. planner at real size: measured peak of a flow-matching training step of the 1.3B DiT (fp32 master weights,
    bf16 autocast, AdamW, EMA; with and without per-block checkpointing) vs `distill.plan.estimate`;
 4. the tiny pipelines (shipped checkpoints) in bf16 on the GPU: time per video and evaluator accuracy;
-5. int8 / fp8 W8A8 kernels (inference/quant.py) at Wan2.1-14B linear shapes: time and error vs bf16.
+5. int8 / fp8 W8A8 kernels (inference/quantized.py) at Wan2.1-14B linear shapes: time and error vs bf16.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def check_tiny_pipelines() -> dict:
 
 
 def check_quant() -> dict:
-    """W8A8 kernels of inference/quant.py at 14B linear shapes (M = 8192 tokens) vs bf16 and dequantize."""
-    from inference.quant import QuantLinear
+    """W8A8 kernels of inference/quantized.py at 14B linear shapes (M = 8192 tokens) vs bf16 and dequantize."""
+    from inference.quantized import QuantLinear
 
     out = {}
     for scheme in ("fp8", "int8"):

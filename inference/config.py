@@ -67,7 +67,7 @@ class InferConfig:
     lora_configs: list[LoraSpec] = field(default_factory=list)  # applied in order, see inference/lora.py
     lora_mode: str = "merge"  # merge | runtime (unmerged: switchable per request, works on quantized weights)
     dit_quantized: bool = False
-    dit_quant_scheme: str | None = None  # int8 | fp8: weights in <model_path>/[distill_]<scheme>/ (inference/quant.py)
+    dit_quant_scheme: str | None = None  # int8 | fp8: in <model_path>/[distill_]<scheme>/ (inference/quantized.py)
     dit_quantized_ckpt: str | None = None  # explicit quantized DiT file or folder (LightX2V key)
     cpu_offload: bool = False  # keep the text encoder (umT5-XXL, 11 GB in bf16) on the CPU
     attention_type: str = "sdpa"

@@ -53,7 +53,7 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     dtype = resolve_dtype(cfg.dtype, device)
     dit_loader, dit_ckpt = load_dit, cfg.dit_original_ckpt
     if cfg.dit_quantized:  # <folder>/[distill_]<scheme>/ or dit_quantized_ckpt
-        from inference.quant import load_quantized_dit  # here: `python -m inference.quant` imports this module
+        from inference.quantized import load_quantized_dit  # here: imports models with a loaded pipeline
 
         dit_loader = functools.partial(load_quantized_dit, scheme=cfg.dit_quant_scheme)
         dit_ckpt = cfg.dit_quantized_ckpt

@@ -130,7 +130,7 @@ def load_model_folder(folder: str | Path, task: str, distill: bool = False, dit_
                       dit_loader: Callable[..., nn.Module] = load_dit) -> Components:
     """All components of a Wan-style folder: DiT, text and image encoders in `dtype` on `device` (the text
     encoder on `text_device` when given, e.g. "cpu" to offload umT5-XXL), the VAE in fp32. `dit_loader(folder,
-    distill, dit_ckpt, dtype)` reads the DiT (e.g. inference.quant.load_quantized_dit for quantized weights)."""
+    distill, dit_ckpt, dtype)` reads the DiT (e.g. inference.quantized.load_quantized_dit for quantized weights)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")

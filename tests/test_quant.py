@@ -1,6 +1,6 @@
-"""Quantized DiT weights (inference/quant.py): the per-channel arithmetic and its error bounds, the LightX2V file
-layout, QuantLinear, memory, the converter CLI on the tiny student, loading through the inference config, runtime
-LoRA on a quantized base, clear errors, and (slow) evaluator accuracy of the quantized vs the unquantized student."""
+"""Quantized DiT weights (inference/quantized.py; converter inference/quant.py): the per-channel arithmetic and its
+error bounds, the LightX2V file layout, QuantLinear, memory, the converter CLI on the tiny student, loading through
+the inference config, runtime LoRA on a quantized base, clear errors, and (slow) evaluator accuracy of the quantized vs the unquantized student."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from data.shapes import PROMPTS
 from inference.config import load_config
 from inference.loader import REPO_ROOT, load_pipeline
 from inference.lora import LoraError, _is_linear_like, merge_loras, runtime_loras
-from inference.quant import (
+from inference.quant import main
+from inference.quantized import (
     QuantError,
     QuantLinear,
     dequantize_weight,
     load_quantized_dit,
-    main,
     module_bytes,
     projected_bytes,
     quantize_model,
