@@ -81,7 +81,8 @@ def child(teacher: str, run_dir: str, steps: int, overrides: list[str], tensors:
     import torch
 
     import distill.dmd  # noqa: F401  (imported before the baseline: module memory is not training memory)
-    import distill.engines  # noqa: F401
+    import distill.engine_deepspeed  # noqa: F401
+    import distill.engine_fsdp  # noqa: F401
     from distill.config import load_train_config
     from distill.plan import estimate
     from train import trainer_for

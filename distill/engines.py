@@ -1,7 +1,9 @@
 """Sharded training engines for the DMD networks: FSDP2 (full or hybrid shard) and DeepSpeed ZeRO-2 / ZeRO-3.
 
-`ddp` (the default) is accelerate's DistributedDataParallel and lives in distill/trainer.py; this module holds
-the engines that split the model states over the processes:
+`ddp` (the default) is accelerate's DistributedDataParallel and lives in distill/trainer.py; this module chooses
+among the engines that split the model states over the processes, defines their interface (`ShardedEngine`) and
+consolidates their checkpoints; the engines themselves are `distill/engine_fsdp.py` and
+`distill/engine_deepspeed.py`:
 
 | engine | trainable weights | grads + AdamW states | EMA | frozen teacher (real_score) |
 |---|---|---|---|---|
@@ -99,32 +101,6 @@ def launcher_only() -> Iterator[None]:
         os.environ.update(saved)
 
 
-# ---- flat chunks: the DeepSpeed partition layout ----------------------------------------------------------------
-def chunk_bounds(numel: int, rank: int, world: int) -> tuple[int, int, int]:
-    """(lo, hi, size) of rank's chunk of a flattened tensor split in `world` equal, end-padded chunks.
-
-    This is ZeRO-3's partition of a parameter (`ds_tensor` holds elements [lo, hi) then padding up to size)."""
-    size = math.ceil(numel / world)
-    lo = min(numel, rank * size)
-    return lo, min(numel, lo + size), size
-
-
-def gather_chunks(chunks: dict[str, Tensor], shapes: dict[str, torch.Size], rank: int, world: int
-                  ) -> dict[str, Tensor]:
-    """Full fp32 CPU tensors from every rank's flat chunks (one all_gather; a collective on every rank)."""
-    sizes = {k: chunk_bounds(math.prod(shapes[k]), rank, world)[2] for k in chunks}
-    buf = torch.cat([torch.nn.functional.pad(c.detach().float().reshape(-1).cpu(), (0, sizes[k] - c.numel()))
-                     for k, c in chunks.items()])  # [sum of sizes]
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf)
-    out, offset = {}, 0
-    for k, size in sizes.items():
-        flat = torch.cat([p[offset:offset + size] for p in parts])
-        out[k] = flat[: math.prod(shapes[k])].view(shapes[k]).clone()
-        offset += size
-    return out
-
-
 # ---- engines ----------------------------------------------------------------------------------------------------
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -195,236 +171,15 @@ class ShardedEngine(ABC):
         """Read this rank's shards back from a folder written by `save`."""
 
 
-class FSDP2Engine(ShardedEngine):
-    """torch.distributed.fsdp.fully_shard on every DiT block and the root (one all-gather per block)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        kind = self.device.type
-        if self.name == "fsdp":
-            self.mesh = init_device_mesh(kind, (self.world,), mesh_dim_names=("shard",))
-        else:  # HSDP: shard inside a group of `shard` ranks (a node), replicate across groups
-            shard = self.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-            if self.world % shard:
-                raise ValueError(f"distributed.shard_size={shard} must divide the number of processes {self.world}")
-            self.mesh = init_device_mesh(kind, (self.world // shard, shard), mesh_dim_names=("replicate", "shard"))
-
-    def _shard(self, skeleton: nn.Module, state: dict[str, Tensor] | None, dtype: torch.dtype,
-               policy=None) -> nn.Module:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import fully_shard
-
-        skeleton = skeleton.to(dtype)  # still on meta: free
-        extra = {} if policy is None else {"mp_policy": policy}
-        if self.cpu_offload:  # sharded parameters, gradients and optimizer states live in CPU memory
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
-            extra["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        for block in skeleton.blocks:
-            fully_shard(block, mesh=self.mesh, **extra)
-        fully_shard(skeleton, mesh=self.mesh, **extra)
-        skeleton.to_empty(device="cpu" if self.cpu_offload else self.device)
-        # rank 0 holds the full state dict; every rank receives and keeps only its shard
-        set_model_state_dict(skeleton, state if self.is_loader else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        return skeleton
-
-    def trainable(self, name, skeleton, state, make_opt, grad_clip):
-        policy = None
-        if self.bf16:
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        net = self._shard(skeleton, state, torch.float32, policy)
-        return net, make_opt([p for p in net.parameters() if p.requires_grad])
-
-    def frozen(self, skeleton, state, dtype):
-        return self._shard(skeleton.requires_grad_(False), state, dtype).eval()
-
-    def no_sync(self, net, last):
-        # skip the reduce-scatter on all but the last micro-batch (gradients accumulate unsharded meanwhile)
-        net.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-
-    def backward(self, net, loss, last):
-        (loss / self.grad_accum).backward()
-
-    def clip_and_step(self, net, opt, grad_clip):
-        norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
-
-    def full_state_dict(self, net):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.float() for k, v in sd.items()} if self.is_loader else {}
-
-    def ema_local(self, param):
-        return param.to_local()  # DTensor ops have no _foreach_copy_: the EMA keeps the local shards
-
-    @staticmethod
-    def as_dtensors(local: dict[str, Tensor], net: nn.Module) -> dict[str, Tensor]:
-        """Local shards (e.g. the EMA's) as DTensors laid out like `net`'s parameters (views, no copy)."""
-        from torch.distributed.tensor import DTensor
-
-        params = dict(net.named_parameters())
-        return {k: DTensor.from_local(v, params[k].device_mesh, params[k].placements, run_check=False,
-                                      shape=params[k].shape, stride=params[k].stride()) for k, v in local.items()}
-
-    def full_ema(self, ema, net):
-        full = {k: v.full_tensor().cpu() for k, v in self.as_dtensors(ema.state_dict(), net).items()}
-        return full if self.is_loader else {}
-
-    def _state(self, networks, optimizers, extra) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        state = {}
-        for name, net in networks.items():
-            msd, osd = get_state_dict(net, optimizers[name])
-            state[name] = {"model": msd, "optim": osd}
-        # extra states (the EMA) hold shards of the generator's parameters
-        state.update({name: self.as_dtensors(obj.state_dict(), networks["generator"]) for name, obj in extra.items()})
-        return state
-
-    def save(self, folder, networks, optimizers, extra):
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(networks, optimizers, extra), checkpoint_id=str(folder / "dcp"))
-
-    def load(self, folder, networks, optimizers, extra):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        if not (folder / "dcp").is_dir():
-            raise FileNotFoundError(f"{folder} has no dcp/ folder: not a checkpoint of an fsdp/hybrid run")
-        state = self._state(networks, optimizers, extra)
-        dcp.load(state, checkpoint_id=str(folder / "dcp"))  # in place (the EMA's DTensors included)
-        for name, net in networks.items():
-            set_state_dict(net, optimizers[name], model_state_dict=state[name]["model"],
-                           optim_state_dict=state[name]["optim"])
-        for name, obj in extra.items():
-            obj.load_state_dict({k: v.to_local() for k, v in state[name].items()})
-
-
-class DeepSpeedEngine(ShardedEngine):
-    """One `deepspeed.initialize` per network: ZeRO-2/3 for the trainable ones, ZeRO-3 (no optimizer) for the
-    frozen teacher. Gradient accumulation and clipping are DeepSpeed's (set per network in its config)."""
-
-    @property
-    def stage(self) -> int:
-        return int(self.name[-1])
-
-    def config(self, stage: int, grad_clip: float | None, bf16: bool) -> dict:
-        cfg = {"train_micro_batch_size_per_gpu": self.batch_size, "gradient_accumulation_steps": self.grad_accum,
-               "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
-               "zero_allow_untested_optimizer": True,  # our torch AdamW (DeepSpeed partitions its states)
-               "steps_per_print": 2**31, "wall_clock_breakdown": False}
-        if grad_clip is not None:
-            cfg["gradient_clipping"] = grad_clip
-        return cfg
-
-    def _materialize(self, skeleton: nn.Module, state: dict[str, Tensor] | None, dtype: torch.dtype) -> nn.Module:
-        """Rank 0: the weights; others: uninitialised CPU pages (untouched until DeepSpeed broadcasts rank 0's
-        weights into them one parameter at a time and keeps only the partition)."""
-        from models.loading import load_into
-
-        if self.is_loader:
-            return load_into(skeleton, {k: v.to(dtype) for k, v in state.items()}, "DeepSpeed rank 0 weights")
-        return skeleton.to(dtype).to_empty(device="cpu")
-
-    def trainable(self, name, skeleton, state, make_opt, grad_clip):
-        import deepspeed
-
-        net = self._materialize(skeleton, state, torch.float32)
-        opt = make_opt([p for p in net.parameters() if p.requires_grad])
-        engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=opt,
-                                                 config=self.config(self.stage, grad_clip, self.bf16))
-        return engine, opt
-
-    def frozen(self, skeleton, state, dtype):
-        import deepspeed
-
-        net = self._materialize(skeleton.requires_grad_(False), state, dtype).eval()
-        engine, *_ = deepspeed.initialize(model=net, config=self.config(3, None, dtype == torch.bfloat16))
-        return engine
-
-    def module(self, net):
-        return net.module
-
-    def backward(self, net, loss, last):
-        net.set_gradient_accumulation_boundary(last)
-        net.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-
-    def clip_and_step(self, net, opt, grad_clip):
-        net.step()  # clips (config gradient_clipping), steps, zeroes the gradients
-        norm = net.get_global_grad_norm()
-        return float(norm if norm is not None else float("nan"))
-
-    def _chunk(self, p: nn.Parameter) -> Tensor:
-        if self.stage == 3:
-            lo, hi, _ = chunk_bounds(p.ds_numel, self.rank, self.world)
-            return p.ds_tensor.view(-1)[: hi - lo]
-        lo, hi, _ = chunk_bounds(p.numel(), self.rank, self.world)
-        return p.detach().view(-1)[lo:hi]
-
-    def ema_local(self, param):
-        return self._chunk(param)
-
-    def _shape(self, p: nn.Parameter) -> torch.Size:
-        return p.ds_shape if self.stage == 3 else p.shape
-
-    def full_state_dict(self, net):
-        import deepspeed
-
-        out = {}
-        for k, p in net.module.named_parameters():
-            ctx = deepspeed.zero.GatheredParameters([p]) if self.stage == 3 else contextlib.nullcontext()
-            with ctx:  # one parameter gathered at a time
-                if self.is_loader:
-                    out[k] = p.detach().float().cpu().clone()
-        if self.is_loader:
-            out.update({k: b.detach().cpu().clone() for k, b in net.module.named_buffers()})
-        return out
-
-    def full_ema(self, ema, net):
-        shapes = {k: self._shape(p) for k, p in net.module.named_parameters() if k in ema.shadow}
-        full = gather_chunks(ema.state_dict(), shapes, self.rank, self.world)
-        return full if self.is_loader else {}
-
-    def save(self, folder, networks, optimizers, extra):
-        for name, net in networks.items():
-            net.save_checkpoint(str(folder / "deepspeed"), tag=name, save_latest=False)
-        for name, obj in extra.items():
-            path = folder / name / f"rank{self.rank:05d}-of-{self.world:05d}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}, str(path))
-
-    def load(self, folder, networks, optimizers, extra):
-        for name, net in networks.items():
-            if not (folder / "deepspeed" / name).is_dir():
-                raise FileNotFoundError(f"{folder} has no deepspeed/{name}: not a checkpoint of a zero2/zero3 run")
-            path, _ = net.load_checkpoint(str(folder / "deepspeed"), tag=name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load {folder / 'deepspeed' / name}")
-        for name, obj in extra.items():
-            path = folder / name / f"rank{self.rank:05d}-of-{self.world:05d}.safetensors"
-            if not path.is_file():
-                found = sorted(p.name for p in (folder / name).glob("*.safetensors"))
-                raise FileNotFoundError(f"{path} not found ({found}): resume a DeepSpeed run with the number of "
-                                        f"processes it was saved with")
-            obj.load_state_dict(load_file(str(path)))
-
-
 def make_engine(name: str, device: torch.device, grad_accum: int, batch_size: int, bf16: bool,
                 shard_size: int = 0, cpu_offload: bool = False) -> ShardedEngine:
     if name in ("fsdp", "hybrid"):
+        from distill.engine_fsdp import FSDP2Engine
+
         return FSDP2Engine(name, device, grad_accum, batch_size, bf16, shard_size, cpu_offload)
     if name in ("zero2", "zero3"):
+        from distill.engine_deepspeed import DeepSpeedEngine
+
         return DeepSpeedEngine(name, device, grad_accum, batch_size, bf16, shard_size)
     raise ValueError(f"no sharded engine {name!r}; expected one of {list(SHARDED_ENGINES)}")
 
@@ -498,5 +253,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ENGINES", "SHARDED_ENGINES", "ShardedEngine", "chunk_bounds", "consolidate", "engine_from_launch",
-           "gather_chunks", "launcher_only", "make_engine", "resolve_engine"]
+__all__ = ["ENGINES", "SHARDED_ENGINES", "ShardedEngine", "consolidate", "engine_from_launch", "launcher_only",
+           "make_engine", "resolve_engine"]

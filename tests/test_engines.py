@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_dir
 from distill.config import load_train_config
 from distill.ema import EMA
-from distill.engines import chunk_bounds, engine_from_launch, resolve_engine
+from distill.engine_deepspeed import chunk_bounds
+from distill.engines import engine_from_launch, resolve_engine
 from tests.test_distributed import SMALL, launch, metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """Quantized DiT weights (inference/quantized.py; converter inference/quant.py): the per-channel arithmetic and its
 error bounds, the LightX2V file layout, QuantLinear, memory, the converter CLI on the tiny student, loading through
-the inference config, runtime LoRA on a quantized base, clear errors, and (slow) evaluator accuracy of the quantized vs the unquantized student."""
+the inference config, runtime LoRA on a quantized base, clear errors, and (slow) evaluator accuracy of the quantized
+vs the unquantized student."""
 
 from __future__ import annotations
 
