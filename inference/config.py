@@ -57,6 +57,10 @@ class InferConfig:
     sample_shift: float = 5.0
     enable_cfg: bool = True
     sample_guide_scale: float = 5.0  # standard CFG: uncond + w (cond - uncond); w = 1 is no guidance
+    # [t_min, t_max] on the 0-1000 timestep scale: CFG only at steps whose timestep lies inside, the conditional
+    # branch alone elsewhere (one forward instead of two); guidance in a limited interval, Kynkaanniemi et al. 2024.
+    # None: every step (LightX2V's behaviour). Not a LightX2V key.
+    sample_guide_interval: list[float] | None = None
     sample_neg_prompt: str = WAN_NEGATIVE_PROMPT
     target_video_length: int = 81
     target_height: int = 480
@@ -98,6 +102,10 @@ class InferConfig:
             raise ValueError(f"sample_shift must be > 0, got {self.sample_shift}")
         if self.sample_guide_scale < 0:
             raise ValueError(f"sample_guide_scale must be >= 0, got {self.sample_guide_scale}")
+        interval = self.sample_guide_interval
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1000):
+            raise ValueError(f"sample_guide_interval must be [t_min, t_max] with 0 <= t_min < t_max <= 1000 "
+                             f"(timesteps, 1000 = pure noise), got {interval}")
         check_video_size(self.target_video_length, self.target_height, self.target_width)
         if self.model_cls == "wan2.1_distill" and self.denoising_step_list is None:
             raise ValueError("model_cls 'wan2.1_distill' needs a denoising_step_list, e.g. [1000, 750, 500, 250]")

@@ -137,18 +137,25 @@ class WanPipeline:
 
     # ---- sampling -----------------------------------------------------------------------------------------
     def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guide: float, clip_fea: Tensor | None,
-                      y: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        """v(x, t) for the sampler. CFG is one batched forward of [cond; uncond]: uncond + w (cond - uncond)."""
+                      y: Tensor | None, guided: Sequence[bool] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """v(x, t) for the sampler. CFG is one batched forward of [cond; uncond]: uncond + w (cond - uncond).
+
+        `guided` (a guidance interval): one flag per sampler step, decided on the host from the schedule (no
+        device sync); the returned function must then be called once per step, in order, as `sample` does.
+        Unguided steps run the conditional branch alone."""
+        both = None
         if uncond is not None:
-            context = torch.cat([cond, uncond])
-            clip_fea = None if clip_fea is None else torch.cat([clip_fea, clip_fea])
-            y = None if y is None else torch.cat([y, y])
+            both = (torch.cat([cond, uncond]), None if clip_fea is None else torch.cat([clip_fea, clip_fea]),
+                    None if y is None else torch.cat([y, y]))
+        steps = iter(guided) if guided is not None else None
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
-            self.timings.nfe += x.shape[0] * (2 if uncond is not None else 1)
-            if uncond is None:
+            use_cfg = both is not None and (steps is None or next(steps))
+            self.timings.nfe += x.shape[0] * (2 if use_cfg else 1)
+            if not use_cfg:
                 return self.dit(x.to(self.dtype), t, cond, clip_fea=clip_fea, y=y)
-            v = self.dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), context, clip_fea=clip_fea, y=y)
+            context, clip2, y2 = both
+            v = self.dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), context, clip_fea=clip2, y=y2)
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + guide * (v_cond - v_uncond)
 
@@ -196,7 +203,11 @@ class WanPipeline:
         noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(self.device)
         if cfg.is_distill and cfg.distill_update == "lcm":
             scheduler = PerVideoSteps(scheduler, gens)
-        denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y)
+        guided = None
+        if use_cfg and cfg.sample_guide_interval is not None:
+            lo, hi = cfg.sample_guide_interval
+            guided = [lo <= float(t) <= hi for t in scheduler.timesteps.cpu()]  # the schedule lives on the host
+        denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y, guided)
         latent = sample(denoise, noise, scheduler, callback=callback, cancel=cancel)
         self.timings.add("dit", time.perf_counter() - t0)
 

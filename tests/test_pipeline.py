@@ -151,6 +151,43 @@ def test_cfg_generation_matches_two_call_reference(t2v_pipe, record_dit):
     assert np.abs(expected.astype(int) - video.astype(int)).max() <= 1
 
 
+def test_guidance_interval_guides_only_inside(t2v_pipe, record_dit):
+    """sample_guide_interval [lo, hi]: CFG (a 2B-row call) exactly at the steps whose timestep lies inside, the
+    conditional branch alone (B rows) elsewhere; the whole generation equals a reference that switches on t."""
+    cfg, dit = t2v_pipe.cfg, t2v_pipe.dit
+    lo, hi = 300.0, 850.0
+    rec = record_dit(t2v_pipe)
+    video = t2v_pipe.generate(PROMPTS[:2], seed=3, sample_guide_interval=[lo, hi])
+    inside = [lo <= float(c["t"][0]) <= hi for c in rec.calls]
+    assert any(inside) and not all(inside)
+    assert [c["x"].shape[0] for c in rec.calls] == [4 if i else 2 for i in inside]
+    assert t2v_pipe.timings.nfe == sum(4 if i else 2 for i in inside)
+    cond = t2v_pipe.encode_text(PROMPTS[:2])
+    uncond = t2v_pipe.encode_text([cfg.sample_neg_prompt] * 2)
+
+    def reference(x, t):
+        v_cond = dit(x, t, cond)
+        if not lo <= float(t[0]) <= hi:
+            return v_cond
+        v_uncond = dit(x, t, uncond)
+        return v_uncond + cfg.sample_guide_scale * (v_cond - v_uncond)
+
+    scheduler = make_scheduler(cfg)
+    scheduler.set_timesteps(cfg.infer_steps)
+    noise = seeded_noise(t2v_pipe.vae.latent_shape(5, 32, 32), [3, 4], torch.device("cpu"))
+    expected = to_uint8(t2v_pipe.vae.decode(sample(reference, noise, scheduler)))
+    assert np.abs(expected.astype(int) - video.astype(int)).max() <= 1
+    # the interval that holds every step is plain CFG
+    full = t2v_pipe.generate(PROMPTS[:2], seed=3, sample_guide_interval=[0, 1000])
+    np.testing.assert_array_equal(full, t2v_pipe.generate(PROMPTS[:2], seed=3))
+
+
+@pytest.mark.parametrize("interval", [[500], [800, 300], [-1, 500], [0, 1001]])
+def test_guidance_interval_validation(make_config, interval):
+    with pytest.raises(ValueError, match=r"sample_guide_interval must be \[t_min, t_max\]"):
+        make_config("t2v", sample_guide_interval=interval)
+
+
 @pytest.mark.parametrize("overrides, negative, expect_neg", [
     ({}, None, "blurry, static"),
     ({}, "ugly", "ugly"),
