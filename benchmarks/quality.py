@@ -4,7 +4,8 @@
         --config "configs/tiny/t2v_teacher.json:infer_steps=4,enable_cfg=false" --prompts 96 --seeds 2 \
         --out benchmarks/results/t2v_teacher
 
-A config may carry per-run overrides after a colon (`key=value` pairs, comma-separated, JSON values).
+A config may carry per-run overrides after a colon (`key=value` pairs, comma-separated, JSON values such as
+`sample_guide_interval=[300,850]`).
 Prints a Markdown table (NFE, wall time per video, per-attribute and joint accuracy, validity, diversity vs
 the data; I2V also first-frame PSNR and identity), writes it as `<out>.json`/`<out>.md` and a PNG grid of
 sample frames (one row per config, the same prompts and seeds in every row).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ def parse_spec(text: str) -> RunSpec:
     """`path.json[:key=value,key=value]` -> RunSpec; values are parsed as JSON when possible."""
     path, _, rest = text.partition(":")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", rest)):  # commas inside [..] stay
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"override {item!r} in {text!r} is not key=value")
