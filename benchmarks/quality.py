@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -100,8 +99,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"`{r['config']}`", f"{r['nfe']:.0f}", f"{r['sec_per_video']:.2f}"]
         cells += [f"{100 * r[k]:.1f}%" for k in ("colour_acc", "shape_acc", "direction_acc", "joint_acc", "valid_rate")]
-        cells += [f"{r['diversity']:.2f}", " / ".join(f"{100 * r['shape_acc_by_prompt'].get(s, math.nan):.0f}%"
-                                                      for s in SHAPES)]
+        by_shape = r["shape_acc_by_prompt"]
+        cells += [f"{r['diversity']:.2f}",
+                  " / ".join(f"{100 * by_shape[s]:.0f}%" if s in by_shape else "-" for s in SHAPES)]
         if i2v:
             cells += [f"{r.get('first_frame_psnr', float('nan')):.1f}", f"{100 * r.get('identity_rate', 0):.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
