@@ -5,6 +5,7 @@ Convention (inference/flow.py): x_s = (1 - s) x0 + s eps, v = eps - x0, timestep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,13 @@ def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generato
     return sample_sigmas(batch, shift, generator, device).clamp(t_min / 1000.0, t_max / 1000.0)
 
 
-def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
+def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float,
+              interval: Sequence[float] | None = None) -> Tensor:
     """x0 of a CFG-guided prediction, standard convention: v = v_u + w (v_c - v_u), one batched forward.
 
     w = guidance (1 = no guidance). x_t [B, C, F, H, W], s [B]. I2V conditioning (y, clip_fea) is shared.
+    `interval` [t_min, t_max] (0-1000): samples whose timestep 1000 s lies outside get w = 1 (conditional only;
+    the inference sampler's `sample_guide_interval`), chosen on the device per sample.
     """
     t = 1000.0 * s
     if uncond is None or guidance == 1.0:
@@ -68,13 +72,17 @@ def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guid
                     None if cond.clip_fea is None else torch.cat([cond.clip_fea, cond.clip_fea]),
                     None if cond.y is None else torch.cat([cond.y, cond.y]))
         v_c, v_u = both(net, torch.cat([x_t, x_t]), torch.cat([t, t])).float().chunk(2)
-        v = v_u + guidance * (v_c - v_u)
+        w = torch.full_like(t, guidance)
+        if interval is not None:
+            w = torch.where((t >= interval[0]) & (t <= interval[1]), w, torch.ones_like(w))
+        v = v_u + w.view(-1, *[1] * (v_u.ndim - 1)) * (v_c - v_u)
     return x0_from_v(x_t.float(), v, s)
 
 
 def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
              t_min: float = 20.0, t_max: float = 980.0,
-             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             generator: torch.Generator | None = None,
+             interval: Sequence[float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), dmd.md steps 2-4.
 
         x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
@@ -89,7 +97,7 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
         s = critic_sigmas(b, shift, t_min, t_max, generator, x.device)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         x_t = add_noise(x.detach().float(), eps, s)
-        real = guided_x0(real_score, x_t, s, cond, uncond, guidance)
+        real = guided_x0(real_score, x_t, s, cond, uncond, guidance, interval)
         fake = guided_x0(fake_score, x_t, s, cond, None, 1.0)
         norm = (x.detach().float() - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         # norm = 0 (x == real exactly): 0/0 and c/0 both give 0 (the default +-float max for c/0 would make the

@@ -320,6 +320,11 @@ def test_guided_x0_standard_cfg_convention():
     assert net.calls[-1] == 2 * b
     torch.testing.assert_close(out, x_t - se * (v_u + 4.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, x_t - se * v_c, atol=1e-3)  # guidance did something
+    # interval [300, 850]: only the sample at t = 500 is guided; t = 900 and t = 100 take the conditional x0
+    out = guided_x0(net, x_t, s, cond, uncond, 4.0, interval=[300, 850])
+    torch.testing.assert_close(out[1], (x_t - se * (v_u + 4.0 * (v_c - v_u)))[1], rtol=1e-5, atol=1e-5)
+    for i in (0, 2):
+        torch.testing.assert_close(out[i], (x_t - se * v_c)[i], rtol=1e-5, atol=1e-5)
 
 
 # ---- 5. ODE-regression loss ----------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def test_config_unknown_key_in_yaml_names_it(tmp_path):
     (["data.cfg_dropout=1.0"], r"cfg_dropout"),
     (["mixed_precision=fp8"], r"mixed_precision"),
     (["data.object_size=[0.3]"], r"object_size must be \[min, max\]"),
+    (["dmd.guidance_interval=[900,100]"], r"dmd.guidance_interval must be \[t_min, t_max\]"),
     (["data.object_size=[0.6,0.9]"], r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"),
 ])
 def test_config_rules(overrides, rule):
