@@ -191,11 +191,10 @@ def evaluate_set(videos: Iterable[np.ndarray], prompts: Sequence[str],
     out = {"n": n, "valid_rate": sum(r["valid"] for r in results) / n}
     for k in ("colour", "shape", "direction", "joint"):
         out[f"{k}_acc"] = sum(bool(r[f"{k}_correct"]) for r in results) / n
-    out["shape_acc_by_prompt"] = {}  # shape accuracy among the videos whose prompt names that shape
-    for s in SHAPES:
-        rs = [r for r, p in zip(results, prompts, strict=True) if parse_prompt(p)[1] == s]
-        if rs:
-            out["shape_acc_by_prompt"][s] = sum(bool(r["shape_correct"]) for r in rs) / len(rs)
+    by_shape = defaultdict(list)  # shape accuracy among the videos whose prompt names that shape
+    for r, p in zip(results, prompts, strict=True):
+        by_shape[parse_prompt(p)[1]].append(bool(r["shape_correct"]))
+    out["shape_acc_by_prompt"] = {s: sum(by_shape[s]) / len(by_shape[s]) for s in SHAPES if by_shape[s]}
     if images is not None:
         out["first_frame_psnr"] = float(np.mean([min(r["first_frame_psnr"], 100.0) for r in results]))
         out["identity_rate"] = sum(r["identity"] for r in results) / n

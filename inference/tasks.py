@@ -153,7 +153,7 @@ class Task:
 
 
 class QueueFull(Exception):
-    pass
+    """The pending queue already holds max_queue_size tasks (HTTP 429)."""
 
 
 class TaskManager:

@@ -127,6 +127,15 @@ def test_cfg_is_one_batched_forward(t2v_pipe, record_dit):
     assert (v_cond - v_uncond).abs().max() > 1e-3  # the negative prompt does change the prediction
 
 
+def assert_matches_reference(pipe, reference, video: np.ndarray, seeds: list[int]) -> None:
+    """`video` (5 frames at 32x32) equals sampling the pipeline's scheduler with the denoiser `reference`."""
+    scheduler = make_scheduler(pipe.cfg)
+    scheduler.set_timesteps(pipe.cfg.infer_steps)
+    noise = seeded_noise(pipe.vae.latent_shape(5, 32, 32), seeds, torch.device("cpu"))
+    expected = to_uint8(pipe.vae.decode(sample(reference, noise, scheduler)))
+    assert np.abs(expected.astype(int) - video.astype(int)).max() <= 1
+
+
 def test_cfg_generation_matches_two_call_reference(t2v_pipe, record_dit):
     """A whole CFG generation equals sampling with a reference denoiser made of two separate DiT calls."""
     cfg, dit = t2v_pipe.cfg, t2v_pipe.dit
@@ -144,11 +153,7 @@ def test_cfg_generation_matches_two_call_reference(t2v_pipe, record_dit):
         v_cond, v_uncond = dit(x, t, cond), dit(x, t, uncond)
         return v_uncond + cfg.sample_guide_scale * (v_cond - v_uncond)
 
-    scheduler = make_scheduler(cfg)
-    scheduler.set_timesteps(cfg.infer_steps)
-    noise = seeded_noise(t2v_pipe.vae.latent_shape(5, 32, 32), [3, 4], torch.device("cpu"))
-    expected = to_uint8(t2v_pipe.vae.decode(sample(reference, noise, scheduler)))
-    assert np.abs(expected.astype(int) - video.astype(int)).max() <= 1
+    assert_matches_reference(t2v_pipe, reference, video, seeds=[3, 4])
 
 
 def test_guidance_interval_guides_only_inside(t2v_pipe, record_dit):
@@ -172,11 +177,7 @@ def test_guidance_interval_guides_only_inside(t2v_pipe, record_dit):
         v_uncond = dit(x, t, uncond)
         return v_uncond + cfg.sample_guide_scale * (v_cond - v_uncond)
 
-    scheduler = make_scheduler(cfg)
-    scheduler.set_timesteps(cfg.infer_steps)
-    noise = seeded_noise(t2v_pipe.vae.latent_shape(5, 32, 32), [3, 4], torch.device("cpu"))
-    expected = to_uint8(t2v_pipe.vae.decode(sample(reference, noise, scheduler)))
-    assert np.abs(expected.astype(int) - video.astype(int)).max() <= 1
+    assert_matches_reference(t2v_pipe, reference, video, seeds=[3, 4])
     # the interval that holds every step is plain CFG
     full = t2v_pipe.generate(PROMPTS[:2], seed=3, sample_guide_interval=[0, 1000])
     np.testing.assert_array_equal(full, t2v_pipe.generate(PROMPTS[:2], seed=3))

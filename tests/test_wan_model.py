@@ -15,7 +15,8 @@ from models.convert import (
     to_diffusers_key,
     to_diffusers_state_dict,
 )
-from models.wan_model import WanModel, rope_split
+from models.wan_layers import rope_split
+from models.wan_model import WanModel
 
 # text_len stays 512 in the parity tests: diffusers hard-codes 512 text tokens when it splits I2V context.
 TINY = dict(text_len=512, dim=64, ffn_dim=96, freq_dim=256, out_dim=16, num_heads=2, num_layers=2,
