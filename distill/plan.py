@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import models.wan_model as wan_model
+import models.wan_layers as wan_layers
 from distill.config import TrainConfig, load_train_config
 from models.registry import get_spec
 from models.wan_model import WanModel
@@ -160,13 +160,13 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
     ctx = torch.zeros(1, config["text_len"], config.get("text_dim", 4096))
     clip = torch.zeros(1, 257, config.get("clip_dim", 1280)) if y is not None else None
     amp = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
-    orig = wan_model.attention
-    wan_model.attention = _FusedAttention.apply
+    orig = wan_layers.attention
+    wan_layers.attention = _FusedAttention.apply
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
             model(x, torch.full((1,), 500.0), ctx, clip_fea=clip, y=y)
     finally:
-        wan_model.attention = orig
+        wan_layers.attention = orig
     return sum(seen.values())
 
 
