@@ -59,6 +59,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 100
+    decay_steps: int = 0  # linear decay to 0 over the last decay_steps of max_steps (warmup-stable-decay)
 
 
 @dataclass
@@ -187,6 +188,9 @@ class TrainConfig:
             value = _get(self, key)
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.optim.decay_steps <= self.max_steps:
+            raise ValueError(f"optim.decay_steps must be in [0, max_steps={self.max_steps}], got "
+                             f"{self.optim.decay_steps}")
         if not 0 <= self.data.cfg_dropout < 1:
             raise ValueError(f"data.cfg_dropout must be in [0, 1), got {self.data.cfg_dropout}")
         if (self.data.num_frames - 1) % 4:

@@ -115,9 +115,13 @@ class Trainer:
         return self.engine.module(net) if self.engine else self.accelerator.unwrap_model(net)
 
     def lr_at(self, step: int, base_lr: float) -> float:
-        """Linear warm-up then constant (no decay: DMD and our pretraining use a constant rate)."""
-        warm = self.cfg.optim.warmup_steps
-        return base_lr * min(1.0, (step + 1) / warm) if warm > 0 else base_lr
+        """Warmup-stable-decay: linear warm-up over optim.warmup_steps, constant, then (optim.decay_steps > 0) a
+        linear decay to 0 over the last decay_steps of max_steps (a cool-down; 0 keeps the rate constant)."""
+        warm, decay = self.cfg.optim.warmup_steps, self.cfg.optim.decay_steps
+        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        if decay > 0:
+            scale = min(scale, (self.cfg.max_steps - step) / decay)
+        return base_lr * scale
 
     def clip_and_step(self, name: str, max_norm: float | None = None) -> torch.Tensor | float:
         """Clip the gradient norm of network `name` to `max_norm` (default optim.grad_clip), step its optimizer,

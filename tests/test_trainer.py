@@ -75,10 +75,28 @@ def test_config_unknown_key_in_yaml_names_it(tmp_path):
     (["data.object_size=[0.3]"], r"object_size must be \[min, max\]"),
     (["dmd.guidance_interval=[900,100]"], r"dmd.guidance_interval must be \[t_min, t_max\]"),
     (["data.object_size=[0.6,0.9]"], r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"),
+    (["max_steps=100", "optim.decay_steps=101"], r"optim.decay_steps must be in \[0, max_steps=100\]"),
 ])
 def test_config_rules(overrides, rule):
     with pytest.raises(ValueError, match=rule):
         load_train_config(None, [f"model.components_path={COMPONENTS}", *overrides])
+
+
+def test_lr_schedule_warmup_stable_decay():
+    """lr_at: linear warm-up to the base rate, constant, then a linear cool-down to 0 at max_steps."""
+    from types import SimpleNamespace
+
+    from distill.trainer import Trainer
+
+    def lr(step: int, *overrides: str) -> float:
+        cfg = load_train_config(None, [f"model.components_path={COMPONENTS}", "max_steps=100", "optim.lr=1.0",
+                                       "optim.warmup_steps=10", *overrides])
+        return Trainer.lr_at(SimpleNamespace(cfg=cfg), step, cfg.optim.lr)
+
+    assert [lr(s) for s in (0, 4, 9, 50, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])  # no decay: constant
+    decayed = [lr(s, "optim.decay_steps=20") for s in (0, 79, 80, 90, 99)]
+    assert decayed == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.05])  # (max_steps - step) / decay_steps from step 80
+    assert lr(5, "optim.decay_steps=100") == pytest.approx(0.6)  # warm-up and decay overlap: the smaller wins
 
 
 def test_config_defaults_yaml_overrides():
