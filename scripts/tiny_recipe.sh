@@ -4,6 +4,7 @@
 #   bash scripts/tiny_recipe.sh sweep      # DMD variants (init x lr, full vs LoRA mode) -> one quality table
 #   bash scripts/tiny_recipe.sh lanes      # everything after the T2V teacher as parallel lanes (a GPU machine)
 #   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (README)
+#   bash scripts/tiny_recipe.sh guide_interval   # CFG in a timestep interval: teachers and DMD (README)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
 # EXTRA="key=value ..." is appended to every training command (e.g. a smoke test: EXTRA="max_steps=2").
 set -euo pipefail
@@ -76,6 +77,24 @@ teacher_probes() {  # why squares fail (README, "What misses its target"): shape
       --config "$T:model_path=runs/teacher_big_objects/model"
 }
 
+t2v_student_no_interval() {  # the previous shipped student: the t2v_student recipe with CFG at every critic timestep
+  $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model \
+      dmd.guidance_interval=null run_dir=runs/tiny_t2v_dmd_no_interval output_model=runs/student_no_interval \
+      logging.sample_every=0 $EXTRA "$@"
+}
+
+guide_interval() {  # CFG only for t in [t_min, t_max] (README "Guidance interval"): teachers, then DMD through it
+  T=configs/tiny/t2v_teacher.json I=configs/tiny/i2v_teacher.json S=configs/tiny/t2v_distill_4step.json
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_teacher_guide_interval --config $T \
+      --config "$T:sample_guide_interval=[300,850]" --config "$T:sample_guide_interval=[0,850]" \
+      --config "$T:sample_guide_interval=[300,1000]"
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/i2v_teacher_guide_interval \
+      --config "$I:infer_steps=40" --config "$I:infer_steps=40,sample_guide_interval=[300,850]"
+  [ -d runs/student_no_interval ] || t2v_student_no_interval
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_dmd_guide_interval \
+      --config "$S:model_path=runs/student_no_interval" --config $S
+}
+
 # One DMD variant of the sweep: name, config, overrides. Trains under runs/sweep/<name> (resumable) and exports
 # the (EMA) student to runs/sweep/<name>/model in bf16 (LoRA mode: the adapters merged into the teacher).
 variant() {
@@ -129,6 +148,6 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|t2v_student_no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
