@@ -37,6 +37,7 @@ MAX_DIRTY = 0.01  # fraction of dirty background pixels allowed per frame
 MIN_OBJECT = 0.08  # side (fraction of min(H, W)) of the smallest blob that counts as an object
 SIZE_RANGE = (0.1, 0.5)  # valid object side, fraction of min(H, W)
 MIN_MOVE = 0.1  # minimum displacement over the clip, fraction of the frame along the motion
+INVALID_REASONS = ("objects per frame", "background not clean", "object size")  # how `reasons` entries start
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 
@@ -232,7 +233,8 @@ def _measure(out: dict, rgb: np.ndarray, c: np.ndarray, obj: np.ndarray, present
 
 def evaluate_set(videos: Iterable[np.ndarray], prompts: Sequence[str],
                  images: Sequence[np.ndarray] | None = None) -> dict:
-    """Accuracies over a set: colour/shape/direction/joint accuracy, valid_rate, n and per-video `results`.
+    """Accuracies over a set: colour/shape/direction/joint accuracy, valid_rate, invalid_reasons (videos failing
+    each validity rule), n and per-video `results`.
 
     With I2V conditioning `images`, also the mean first-frame PSNR and the identity rate (colour and shape of
     the video equal those read from the image).
@@ -247,6 +249,9 @@ def evaluate_set(videos: Iterable[np.ndarray], prompts: Sequence[str],
     if n == 0:
         raise ValueError("evaluate_set needs at least one video")
     out = {"n": n, "valid_rate": sum(r["valid"] for r in results) / n}
+    # why clips are invalid: how many videos fail each rule (a video may fail several)
+    out["invalid_reasons"] = {kind: sum(any(x.startswith(kind) for x in r["reasons"]) for r in results)
+                              for kind in INVALID_REASONS}
     for k in ("colour", "shape", "direction", "joint"):
         out[f"{k}_acc"] = sum(bool(r[f"{k}_correct"]) for r in results) / n
     by_shape = defaultdict(list)  # shape accuracy among the videos whose prompt names that shape

@@ -230,6 +230,9 @@ def test_evaluator_rejects_invalid_videos():
     two = np.maximum(WORLD.render("a red circle moving left", 0), WORLD.render("a blue square moving up", 1))
     r = evaluate_video(two, "a red circle moving left")
     assert not r["valid"] and r["n_objects"] == 2 and not r["joint_correct"]
+    counts = evaluate_set([two, blank, WORLD.render("a red circle moving left", 0)], [PROMPTS[0]] * 3)
+    # the second object is also outside the first one's region: a dirty background as well
+    assert counts["invalid_reasons"] == {"objects per frame": 2, "background not clean": 1, "object size": 0}
     noisy = WORLD.render("a red circle moving left", 0).copy()
     noisy[:, ::4, ::4] = 120  # speckled background
     assert not evaluate_video(noisy, "a red circle moving left")["valid"]
