@@ -9,8 +9,9 @@ the clips with a fixed seed and writes contact sheets of numbered tiles: frame 0
 around the object and magnified, with no prompt. A person writes one label per tile number (circle, square,
 triangle, or unclear) into the labels JSON. `check` regenerates the same clips (deterministic), reads them with
 the evaluator and prints the agreement with the labels (tiles labelled unclear are left out) for the
-evaluator's shape rule (`data.evaluate.classify_shape`) and for the rule of its first version (the template
-fitted to the box extents, kept here only for this comparison), and writes `<labels stem>_check.md`.
+evaluator's shape rule (`data.evaluate.classify_shape`, read through `evaluate_video`) and for the rule of its
+first version (the template fitted to the box extents, kept here only for this comparison), and writes
+`<labels stem>_check.md`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.evaluate import classify_shape, segment, soft_coverage
+from data.evaluate import evaluate_video, segment, soft_coverage
 from data.shapes import PROMPTS, SHAPES, coverage, parse_prompt
 from inference.loader import load_pipeline
 
@@ -96,32 +97,24 @@ def box_template_shape(frames: np.ndarray) -> str | None:
     return SHAPES[int(np.argmin(errs))]
 
 
-def current_shape(frames: np.ndarray) -> str | None:
-    inten, obj, _ = segment(frames)
-    present = obj.any((1, 2))
-    return classify_shape(soft_coverage(inten, obj)[present], obj[present]) if present.any() else None
-
-
 def check(items: list[dict], labels: dict[str, str]) -> str:
     """Markdown: agreement of both rules with the labels, overall and per config, and the labels vs prompts."""
     unknown = sorted(set(labels.values()) - set(LABELS))
     if unknown or set(labels) != {str(it["tile"]) for it in items}:
         raise ValueError(f"labels must give one of {LABELS} for every tile 0..{len(items) - 1}; unknown values "
                          f"{unknown}, missing tiles {sorted({str(it['tile']) for it in items} - set(labels))[:10]}")
-    rules = {"evaluator (area + centroid template IoU)": current_shape, "first version (box template L1)":
-             box_template_shape}
+    rules = {"evaluator (area + centroid template IoU)": lambda v: evaluate_video(v)["shape"],
+             "first version (box template L1)": box_template_shape}
+    labelled = [it for it in items if labels[str(it["tile"])] != "unclear"]
     lines = ["| rule | config | agree with the labels | (labelled tiles) |", "|---|---|---|---|"]
-    confusion = {name: Counter() for name in rules}
+    confusion = {}
     for name, rule in rules.items():
+        read = [(it, labels[str(it["tile"])], rule(it["frames"])) for it in labelled]  # each clip read once
+        confusion[name] = Counter((want, got) for _, want, got in read)
         for c in (*CONFIGS, None):
-            sel = [it for it in items if (c is None or (it["config"], it["overrides"]) == (c["config"],
-                   c["overrides"])) and labels[str(it["tile"])] != "unclear"]
-            agree = 0
-            for it in sel:
-                got, want = rule(it["frames"]), labels[str(it["tile"])]
-                agree += got == want
-                if c is None:
-                    confusion[name][(want, got)] += 1
+            sel = [(want, got) for it, want, got in read
+                   if c is None or (it["config"], it["overrides"]) == (c["config"], c["overrides"])]
+            agree = sum(want == got for want, got in sel)
             where = "all" if c is None else c["config"] + (f":{c['overrides']}" if c["overrides"] else "")
             lines.append(f"| {name} | `{where}` | {agree / max(len(sel), 1):.1%} | {len(sel)} |")
     for name, conf in confusion.items():

@@ -77,22 +77,35 @@ teacher_probes() {  # why squares fail (README, "What misses its target"): shape
       --config "$T:model_path=runs/teacher_big_objects/model"
 }
 
-t2v_student_no_interval() {  # the previous shipped student: the t2v_student recipe with CFG at every critic timestep
-  $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model \
-      dmd.guidance_interval=null run_dir=runs/tiny_t2v_dmd_no_interval output_model=runs/student_no_interval \
-      logging.sample_every=0 $EXTRA "$@"
+no_interval() {  # the students shipped before the guidance interval: the same recipes with CFG at every critic step
+  local N="dmd.guidance_interval=null logging.sample_every=0"
+  [ -d runs/student_no_interval ] || $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml \
+      model.generator_init=runs/tiny_t2v_ode/model run_dir=runs/tiny_t2v_dmd_no_interval \
+      output_model=runs/student_no_interval $N $EXTRA
+  [ -f runs/lora_mode_no_interval_r64.safetensors ] || { $LAUNCH train.py --config configs/tiny/t2v_dmd_lora.yaml \
+      run_dir=runs/lora_mode_no_interval output_model=null $N $EXTRA
+    $PY -m distill.export --run runs/lora_mode_no_interval --out runs/lora_mode_no_interval/model --dtype bf16 \
+      --lora runs/lora_mode_no_interval_r64.safetensors; }
+  [ -d runs/i2v_student_no_interval ] || $LAUNCH train.py --config configs/tiny/i2v_dmd.yaml \
+      run_dir=runs/tiny_i2v_dmd_no_interval output_model=runs/i2v_student_no_interval $N $EXTRA
 }
 
 guide_interval() {  # CFG only for t in [t_min, t_max] (README "Guidance interval"): teachers, then DMD through it
   T=configs/tiny/t2v_teacher.json I=configs/tiny/i2v_teacher.json S=configs/tiny/t2v_distill_4step.json
+  L=configs/tiny/t2v_distill_4step_lora_mode.json
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_teacher_guide_interval --config $T \
       --config "$T:sample_guide_interval=[300,850]" --config "$T:sample_guide_interval=[0,850]" \
       --config "$T:sample_guide_interval=[300,1000]"
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/i2v_teacher_guide_interval \
       --config "$I:infer_steps=40" --config "$I:infer_steps=40,sample_guide_interval=[300,850]"
-  [ -d runs/student_no_interval ] || t2v_student_no_interval
+  no_interval
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_dmd_guide_interval \
       --config "$S:model_path=runs/student_no_interval" --config $S
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_lora_mode_guide_interval \
+      --config "$L:lora_configs=[{\"path\":\"runs/lora_mode_no_interval_r64.safetensors\",\"strength\":1.0}]" --config $L
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/i2v_dmd_guide_interval \
+      --config configs/tiny/i2v_distill_4step.json:model_path=runs/i2v_student_no_interval \
+      --config configs/tiny/i2v_distill_4step.json
 }
 
 # One DMD variant of the sweep: name, config, overrides. Trains under runs/sweep/<name> (resumable) and exports
@@ -148,6 +161,6 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|t2v_student_no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
