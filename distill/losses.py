@@ -1,4 +1,4 @@
-"""Training losses as plain functions of (networks, tensors): read them against dmd.md and wan21.md.
+"""Training losses as plain functions of (networks, tensors): read them against docs/step_distillation.md and docs/wan_architecture.md.
 
 Convention (inference/flow.py): x_s = (1 - s) x0 + s eps, v = eps - x0, timestep t = 1000 s.
 """
@@ -52,7 +52,7 @@ def flow_matching_loss(net, x0: Tensor, cond: Cond, shift: float,
 
 def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> Tensor:
-    """Critic timestep (dmd.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to [t_min, t_max]. [B]."""
+    """Critic timestep (docs/step_distillation.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to [t_min, t_max]. [B]."""
     return sample_sigmas(batch, shift, generator, device).clamp(t_min / 1000.0, t_max / 1000.0)
 
 
@@ -83,7 +83,7 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
              t_min: float = 20.0, t_max: float = 980.0,
              generator: torch.Generator | None = None,
              interval: Sequence[float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), dmd.md steps 2-4.
+    """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), docs/step_distillation.md steps 2-4.
 
         x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
         real = x0 of the teacher with CFG w, fake = x0 of the critic (conditional only)
@@ -111,7 +111,7 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
 
 def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,
                 generator: torch.Generator | None = None) -> Tensor:
-    """Critic (fake score) flow loss on generator samples x (no grad), dmd.md "Critic update":
+    """Critic (fake score) flow loss on generator samples x (no grad), docs/step_distillation.md "Critic update":
     mean((v_fake(x_t, t) - (eps - x))^2) with x_t = (1 - s) x + s eps and the critic's timestep sampling."""
     x = x.detach().float()
     s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device)
@@ -121,7 +121,7 @@ def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 
 
 
 def ode_regression_loss(net, x_k: Tensor, s_k: Tensor, x0: Tensor, cond: Cond) -> Tensor:
-    """ODE initialisation (dmd.md): regress the generator's x0 prediction from a stored teacher state x_k at the
+    """ODE initialisation (docs/step_distillation.md): regress the generator's x0 prediction from a stored teacher state x_k at the
     student's warped sigma s_k [B] onto the trajectory's clean endpoint x0: mean((x_k - s_k v - x0)^2)."""
     v = cond(net, x_k, 1000.0 * s_k)
     return (x0_from_v(x_k.float(), v.float(), s_k) - x0.float()).pow(2).mean()

@@ -1,6 +1,6 @@
 """Flow-matching conventions: the ONE place for the timestep shift and the prediction-type conversions.
 
-Rectified flow as trained by Wan2.1 (wan21.md, "Sampling defaults"):
+Rectified flow as trained by Wan2.1 (docs/wan_architecture.md, "Sampling defaults of the teacher"):
 
     x_s = (1 - s) x0 + s eps            s in [0, 1] (sigma), s = 0 clean, s = 1 pure noise
     v   = dx_s/ds = eps - x0            what the network predicts

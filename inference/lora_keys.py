@@ -3,7 +3,7 @@
     entries = parse_lora(load_lora("distill_lora.safetensors"), model_keys=model.state_dict())
     lora_geometry(entries)                     # {"dim": 1536, "layers": 30, ...}: the model the shapes fit
 
-Key formats (lightx2v.md, "LoRA files"), all mapped onto the model's parameter names:
+Key formats (docs/lightx2v_formats.md, "LoRA files"), all mapped onto the model's parameter names:
 - pairs `<m>.lora_up.weight`/`.lora_down.weight`, `.lora_B.weight`/`.lora_A.weight` (B = up), `.lora_B`/`.lora_A`,
   `.lora_B.default.weight` (PEFT), `.lora.up.weight`, `_lora.up.weight`, `.lora_linear_layer.up.weight`;
   optional `<m>.alpha`: scale = alpha / rank (else 1);

@@ -46,7 +46,7 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, scheduler,
 
 def backward_simulation(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, scheduler, exit_step: int,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The student's rollout as trained by DMD (dmd.md "Generator update", step 1).
+    """The student's rollout as trained by DMD (docs/step_distillation.md "Generator update", step 1).
 
     Runs the few-step `scheduler` from `noise` (at sigmas[0]) like `sample`, but stops at `exit_step`: steps
     0..exit_step-1 run under no_grad (the scheduler's update; with mode "lcm" the re-noising uses fresh noise

@@ -9,7 +9,7 @@ Three small classes with one interface:
   UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), x0-prediction, UniC corrector from step 1 on,
   multistep warm-up and lower order at the final step.
 - `FlowEulerScheduler`: Euler on the same grid,  x_next = x + (s_next - s) v.
-- `DistillScheduler`: the few-step student's warped `denoising_step_list` (dmd.md, LightX2V
+- `DistillScheduler`: the few-step student's warped `denoising_step_list` (docs/step_distillation.md "Student schedule", LightX2V
   `WanStepDistillScheduler`), deterministic "euler" or re-noising "lcm" update.
 
 All scalar coefficients are Python floats computed on the host from the (CPU) sigma grid, so a step never
@@ -209,7 +209,7 @@ DISTILL_MODES = ("euler", "lcm")
 
 
 class DistillScheduler(_FlowScheduler):
-    """Few-step student sampler (dmd.md "Denoising step list and warping"; LightX2V WanStepDistillScheduler).
+    """Few-step student sampler (docs/step_distillation.md "Student schedule"; LightX2V WanStepDistillScheduler).
 
     sigma_j = shift(d_j / 1000) for d_j in `denoising_step_list`, then 0: [1000, 750, 500, 250] @ shift 5 ->
     [1, 0.9375, 0.8333, 0.625, 0]; timesteps 1000 sigma_j = [1000, 937.5, 833.33, 625] fed as floats.

@@ -1,6 +1,6 @@
 """Load and save Wan-style model folders.
 
-A real Wan2.1 folder (lightx2v.md, "Model folders"):
+A real Wan2.1 folder (docs/lightx2v_formats.md, "Model folders"):
 
     config.json, diffusion_pytorch_model*.safetensors (+ .index.json when sharded), Wan2.1_VAE.pth,
     models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (tokenizer),

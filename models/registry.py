@@ -18,7 +18,7 @@ _CLIP_VIT_H14 = dict(image_size=224, patch_size=14, dim=1280, mlp_ratio=4, out_d
                      num_layers=32)
 _WAN_VAE = dict(dim=96, z_dim=16)
 
-# Official file names inside a Wan model folder (lightx2v.md, "Model folders").
+# Official file names inside a Wan model folder (docs/lightx2v_formats.md, "Model folders").
 WAN_FILES = {
     "vae": "Wan2.1_VAE.pth",
     "text_encoder": "models_t5_umt5-xxl-enc-bf16.pth",

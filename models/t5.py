@@ -1,6 +1,6 @@
 """umT5 text encoder of Wan2.1 (encoder half of umT5-XXL), its tokenizers and the prompt -> embedding wrapper.
 
-`UMT5Encoder` keeps the official key names of `models_t5_umt5-xxl-enc-bf16.pth` (wan21.md, "umT5-XXL
+`UMT5Encoder` keeps the official key names of `models_t5_umt5-xxl-enc-bf16.pth` (docs/wan_architecture.md, "umT5-XXL
 encoder"): T5 blocks with RMS pre-norm, unscaled attention with a relative position bias of its own in every
 layer (bidirectional buckets, max distance 128), and a gated GELU-tanh FFN; no biases anywhere. It maps 1:1
 onto transformers' `UMT5EncoderModel` (see tests/test_text_image_encoders.py for the key table).

@@ -1,6 +1,6 @@
 """The layers of the Wan2.1 DiT (models/wan_model.py): timestep sinusoid, 3D RoPE, fp32 norms, self- and
 cross-attention, the attention block, the output head and the CLIP image projection; key names as the official
-checkpoints (/work/shared/docs/wan21.md, "DiT"). Norms, modulation and the head run in fp32 with autocast off;
+checkpoints (docs/wan_architecture.md, "DiT"). Norms, modulation and the head run in fp32 with autocast off;
 linears run in the compute dtype of their input.
 """
 
@@ -155,7 +155,7 @@ class WanCrossAttention(WanSelfAttention):
 
 # ---- blocks --------------------------------------------------------------------------------------
 class WanAttentionBlock(nn.Module):
-    """One DiT block (wan21.md step 6). Keys: modulation, norm3, self_attn.*, cross_attn.*, ffn.{0,2}."""
+    """One DiT block (docs/wan_architecture.md step 6). Keys: modulation, norm3, self_attn.*, cross_attn.*, ffn.{0,2}."""
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, image: bool, qk_norm: bool = True,
                  cross_attn_norm: bool = True, eps: float = 1e-6) -> None:

@@ -1,6 +1,6 @@
 """The Wan2.1 diffusion transformer (DiT), key-compatible with the official checkpoints.
 
-Architecture and key names: /work/shared/docs/wan21.md ("DiT"). One forward, for a batch of B videos on the
+Architecture and key names: docs/wan_architecture.md ("DiT"). One forward, for a batch of B videos on the
 same latent grid (F, H, W), patch (pt, ph, pw), D = dim, L = (F/pt)(H/ph)(W/pw) tokens:
 
     tokens  = patch_embedding([x; y])                        [B, L, D]   (y: I2V mask + image latent)

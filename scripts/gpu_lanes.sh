@@ -3,7 +3,7 @@
 # ODE init, the DMD sweep) side by side, then the sweep and I2V tables; the best full-DMD student (by joint
 # accuracy), its rank-64 SVD LoRA and the best LoRA-mode adapter are copied to $OUT with a tarball of every log,
 # metric and table (the device tool returns at most 8 files of 16 MiB).
-#     OUT=/tmp/lanes STAGE_TIMEOUT=200 bash scripts/gpu_lanes.sh
+#     OUT=runs/lanes STAGE_TIMEOUT=200 bash scripts/gpu_lanes.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-python3} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -5,7 +5,7 @@
 #   word          word-level tokenizer (one token per word, like umT5's SentencePiece vocabulary)
 #   channel       codec latent normalised per channel (Wan's per-channel mean/std)
 #   word_channel  both
-#     OUT=/tmp/tsweep STAGE_TIMEOUT=420 bash scripts/teacher_sweep.sh [variant ...]
+#     OUT=runs/tsweep STAGE_TIMEOUT=420 bash scripts/teacher_sweep.sh [variant ...]
 # Writes benchmarks/results/t2v_teacher_sweep.{md,json,png} and copies each variant's EMA DiT to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."

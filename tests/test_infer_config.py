@@ -22,7 +22,7 @@ from inference.config import (
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for d in ("wan", "distill", "tiny") for p in (REPO / "configs" / d).glob("*.json"))
 
-# Every key of lightx2v.md "Inference JSON keys (distill)" (+ the teacher keys), as a user's file has them.
+# Every key of docs/lightx2v_formats.md "Inference JSON" (+ the teacher keys), as a user's file has them.
 LIGHTX2V_DISTILL = {
     "infer_steps": 4,
     "denoising_step_list": [1000, 750, 500, 250],
@@ -172,7 +172,7 @@ def test_shipped_configs_exist():
 
 
 def test_shipped_teacher_and_distill_values():
-    """The baselines of lightx2v.md: T2V 50 steps / guide 6 / shift 8; I2V 40 / 5 / 3; distill 4 steps, no CFG."""
+    """The baselines of docs/lightx2v_formats.md: T2V 50 steps / guide 6 / shift 8; I2V 40 / 5 / 3; distill 4 steps, no CFG."""
     t2v, i2v = load_config(REPO / "configs/wan/wan_t2v.json"), load_config(REPO / "configs/wan/wan_i2v.json")
     assert (t2v.infer_steps, t2v.sample_guide_scale, t2v.sample_shift, t2v.enable_cfg) == (50, 6, 8, True)
     assert (i2v.infer_steps, i2v.sample_guide_scale, i2v.sample_shift, i2v.task) == (40, 5, 3, "i2v")

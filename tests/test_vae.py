@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_downsample=(False, True, True))
 MEAN, STD = (0.1, -0.2, 0.3, 0.5), (1.5, 0.7, 2.0, 1.1)
-REAL_PARAMS = 126_892_531  # Wan2.1_VAE.pth: 126.9M (wan21.md)
+REAL_PARAMS = 126_892_531  # Wan2.1_VAE.pth: 126.9M (docs/wan_architecture.md)
 
 
 def _tiny(seed: int = 0) -> WanVAE:
