@@ -80,7 +80,8 @@ class DistillConfig:
 
 @dataclass
 class DMDConfig:
-    """Distribution Matching Distillation (docs/step_distillation.md). Guidance uses the standard CFG convention (w = 1: none):
+    """Distribution Matching Distillation (docs/step_distillation.md). Guidance uses the standard CFG convention
+    (w = 1: none):
     Self-Forcing's g = 3 is w = 4 here; Self-Forcing-Plus T2V g = 5 -> w = 6, I2V g = 6 -> w = 7."""
 
     guidance_scale: float = 6.0

@@ -1,10 +1,11 @@
 """`dmd` task: Distribution Matching Distillation of a many-step CFG teacher into a few-step CFG-free student.
 
-Three networks (docs/step_distillation.md): the generator G (trainable, starts from the teacher or an ODE-init checkpoint), the
-frozen teacher `real_score` (no grads, no optimizer state) and the critic `fake_score` (trainable, starts from
-the teacher). Each iteration trains the critic on G's samples; every `dfake_gen_update_ratio` iterations G
-takes a DMD step first. Both use the one-graded-exit-step backward simulation of inference/sampling.py over
-the student's warped `denoising_step_list`, so training and inference see the same timesteps.
+Three networks (docs/step_distillation.md): the generator G (trainable, starts from the teacher or an ODE-init
+checkpoint), the frozen teacher `real_score` (no grads, no optimizer state) and the critic `fake_score`
+(trainable, starts from the teacher). Each iteration trains the critic on G's samples; every
+`dfake_gen_update_ratio` iterations G takes a DMD step first. Both use the one-graded-exit-step backward
+simulation of inference/sampling.py over the student's warped `denoising_step_list`, so training and inference
+see the same timesteps.
 
     accelerate launch train.py --config configs/tiny/t2v_dmd.yaml
 """

@@ -8,9 +8,9 @@
 - dmd/ode runs -> `distill_models/distill_model.safetensors` (official Wan keys) + config.json + components;
 - LoRA-mode dmd runs (`lora.enabled`): the adapters merged into the teacher; `--lora` writes the adapter itself
   (exact, its own rank and alpha);
-- `--lora`: a rank-r LoRA of (student - teacher) in the LightX2V format (docs/step_distillation.md "LoRA exports"): 2-D weights
-  with >= `--lora-min-numel` entries as `diffusion_model.<name>.lora_up/lora_down.weight` from a truncated SVD
-  (up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T, no alpha), all other changed tensors as full differences
+- `--lora`: a rank-r LoRA of (student - teacher) in the LightX2V format (docs/step_distillation.md "LoRA exports"):
+  2-D weights with >= `--lora-min-numel` entries as `diffusion_model.<name>.lora_up/lora_down.weight` from a
+  truncated SVD (up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T, no alpha), all other changed tensors as full differences
   `.diff` (weights), `.diff_b` (biases), `.diff_m` (modulation). The relative reconstruction error per tensor
   is printed and written next to the file as JSON.
 """

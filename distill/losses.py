@@ -1,4 +1,5 @@
-"""Training losses as plain functions of (networks, tensors): read them against docs/step_distillation.md and docs/wan_architecture.md.
+"""Training losses as plain functions of (networks, tensors): read them against docs/step_distillation.md and
+docs/wan_architecture.md.
 
 Convention (inference/flow.py): x_s = (1 - s) x0 + s eps, v = eps - x0, timestep t = 1000 s.
 """
@@ -52,7 +53,8 @@ def flow_matching_loss(net, x0: Tensor, cond: Cond, shift: float,
 
 def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> Tensor:
-    """Critic timestep (docs/step_distillation.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to [t_min, t_max]. [B]."""
+    """Critic timestep (docs/step_distillation.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to
+    [t_min, t_max]. [B]."""
     return sample_sigmas(batch, shift, generator, device).clamp(t_min / 1000.0, t_max / 1000.0)
 
 
@@ -121,7 +123,8 @@ def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 
 
 
 def ode_regression_loss(net, x_k: Tensor, s_k: Tensor, x0: Tensor, cond: Cond) -> Tensor:
-    """ODE initialisation (docs/step_distillation.md): regress the generator's x0 prediction from a stored teacher state x_k at the
-    student's warped sigma s_k [B] onto the trajectory's clean endpoint x0: mean((x_k - s_k v - x0)^2)."""
+    """ODE initialisation (docs/step_distillation.md): regress the generator's x0 prediction from a stored teacher
+    state x_k at the student's warped sigma s_k [B] onto the trajectory's clean endpoint x0:
+    mean((x_k - s_k v - x0)^2)."""
     v = cond(net, x_k, 1000.0 * s_k)
     return (x0_from_v(x_k.float(), v.float(), s_k) - x0.float()).pow(2).mean()

@@ -2,7 +2,8 @@
 
 The converter that writes them is `inference/quant.py` (`python -m inference.quant`).
 
-Format (docs/lightx2v_formats.md, "Quantized weights"): the nn.Linear layers of `self_attn` (q, k, v, o), `cross_attn` (q, k, v, o and
+Format (docs/lightx2v_formats.md, "Quantized weights"): the nn.Linear layers of `self_attn` (q, k, v, o),
+`cross_attn` (q, k, v, o and
 the I2V k_img, v_img) and `ffn` (0, 2) of every block are stored as `<name>.weight` int8 / float8_e4m3fn [out, in]
 plus `<name>.weight_scale` fp32 [out, 1], symmetric per output channel:
 

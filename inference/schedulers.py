@@ -9,7 +9,8 @@ Three small classes with one interface:
   UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), x0-prediction, UniC corrector from step 1 on,
   multistep warm-up and lower order at the final step.
 - `FlowEulerScheduler`: Euler on the same grid,  x_next = x + (s_next - s) v.
-- `DistillScheduler`: the few-step student's warped `denoising_step_list` (docs/step_distillation.md "Student schedule", LightX2V
+- `DistillScheduler`: the few-step student's warped `denoising_step_list` (docs/step_distillation.md "Student
+schedule", LightX2V
   `WanStepDistillScheduler`), deterministic "euler" or re-noising "lcm" update.
 
 All scalar coefficients are Python floats computed on the host from the (CPU) sigma grid, so a step never

@@ -9,7 +9,8 @@
     curl -s -o out.mp4 localhost:8000/v1/tasks/<task_id>/result        # 404 with the status until completed
     curl -s -X DELETE localhost:8000/v1/tasks/<task_id>                # cancel (pending or mid-run)
 
-Routes (docs/lightx2v_formats.md "HTTP server"): POST /v1/tasks/video/, GET /v1/tasks/{id}/status, GET /v1/tasks/{id}/result,
+Routes (docs/lightx2v_formats.md "HTTP server"): POST /v1/tasks/video/, GET /v1/tasks/{id}/status, GET
+/v1/tasks/{id}/result,
 DELETE /v1/tasks/{id}, GET /v1/tasks/queue/status, GET /v1/service/status.
 
 The pipeline is loaded once at startup. `TaskManager` (`inference/tasks.py`: the request schema, tasks and the

@@ -1,7 +1,8 @@
 """CLIP ViT image tower used by Wan2.1 I2V (open-clip xlm-roberta-large-vit-huge-14, visual part only).
 
 State-dict keys are exactly the `visual.*` keys of `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`
-(docs/wan_architecture.md, "CLIP image tower"). Wan uses the tokens after block 31 of 32 (no post-norm, no head) as image
+(docs/wan_architecture.md, "CLIP image tower"). Wan uses the tokens after block 31 of 32 (no post-norm, no head) as
+image
 features; `post_norm` and `head` exist only so that the official file loads strictly. Maps 1:1 onto
 transformers' `CLIPVisionModel` (hidden_states[-2]); see tests/test_text_image_encoders.py for the key table.
 """

@@ -1,7 +1,8 @@
 """Name conversion between the official Wan2.1 models and diffusers: the DiT <-> `WanTransformer3DModel`, the
 VAE <-> `AutoencoderKLWan`.
 
-DiT: the rename table of docs/wan_architecture.md ("Diffusers names"), written as ordered regex rules that only match whole
+DiT: the rename table of docs/wan_architecture.md ("Diffusers names"), written as ordered regex rules that only match
+whole
 dotted segments, so they work on parameter names (`blocks.0.self_attn.q.weight`), module names
 (`blocks.0.self_attn.q`, used for LoRA targets) and names with a prefix (`diffusion_model.blocks.0...`,
 `transformer.blocks.0...`). The norm2 <-> norm3 swap inside a block is done in one pass.

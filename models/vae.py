@@ -1,6 +1,7 @@
 """WanVAE: the Wan2.1 causal 3D video VAE, key-compatible with the official `Wan2.1_VAE.pth`.
 
-A video [B, 3, 1+4k, H, W] in [-1, 1] maps to a latent [B, 16, 1+k, H/8, W/8] (docs/wan_architecture.md, "VAE"). Every conv
+A video [B, 3, 1+4k, H, W] in [-1, 1] maps to a latent [B, 16, 1+k, H/8, W/8] (docs/wan_architecture.md, "VAE").
+Every conv
 is causal in time (padded on the left only), so latent frame 0 depends on pixel frame 0 alone and latent frame
 j on pixel frames <= 4j. The encoder therefore runs on chunks of frames [1], [4], [4], ... and the decoder on
 one latent frame at a time; a `FeatureCache` carries the few frames of left context each causal conv needs

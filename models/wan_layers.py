@@ -155,7 +155,8 @@ class WanCrossAttention(WanSelfAttention):
 
 # ---- blocks --------------------------------------------------------------------------------------
 class WanAttentionBlock(nn.Module):
-    """One DiT block (docs/wan_architecture.md step 6). Keys: modulation, norm3, self_attn.*, cross_attn.*, ffn.{0,2}."""
+    """One DiT block (docs/wan_architecture.md step 6). Keys: modulation, norm3, self_attn.*, cross_attn.*,
+    ffn.{0,2}."""
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, image: bool, qk_norm: bool = True,
                  cross_attn_norm: bool = True, eps: float = 1e-6) -> None:
