@@ -129,7 +129,9 @@ def test_sharded_equals_single_file(tmp_path, tiny_t2v_dir, index):
     x = torch.randn(1, single.in_dim, 2, 4, 4)
     ctx = torch.randn(1, 7, single.text_dim)
     t = torch.tensor([500.0])
-    assert torch.equal(sharded(x, t, ctx), single(x, t, ctx))
+    # weights are compared exactly above; the forward of two separately loaded copies may take other SIMD
+    # paths (tensor alignment differs between loads), so outputs get an fp32 tolerance
+    torch.testing.assert_close(sharded(x, t, ctx), single(x, t, ctx), rtol=1e-5, atol=1e-5)
     assert read_sharded(folder).keys() == _state(tiny_t2v_dir).keys()
 
 

@@ -45,6 +45,18 @@ class RecordingDiT:
         return sum(c["x"].shape[0] for c in self.calls)
 
 
+def assert_videos_close(a: np.ndarray, b: np.ndarray, msg: str = "") -> None:
+    """uint8 videos of the same content within +-1 per pixel value.
+
+    Different batch sizes (or code paths) run different float kernels (SIMD tails, blocking), so the float
+    video may differ in the last bits and a value near a rounding boundary may flip by one; anything more is
+    a real difference (another seed moves most values by tens).
+    """
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8, msg
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1, f"{msg}: max difference {diff.max()} (> 1)"
+
+
 @pytest.fixture
 def record_dit(monkeypatch):
     def wrap(pipe) -> RecordingDiT:
@@ -79,7 +91,7 @@ def test_t2v_returns_uint8_video(t2v_pipe):
     assert video.std() > 1 and not np.array_equal(video[0], video[1])
     one = t2v_pipe.generate(PROMPTS[0], seed=0)  # a single string is a batch of one
     assert one.shape == (1, 5, 32, 32, 3)
-    np.testing.assert_array_equal(one[0], video[0])
+    assert_videos_close(one[0], video[0], "batch of one vs batch of two")
     assert set(t2v_pipe.timings.stages) >= {"text_encoder", "dit", "vae_decode"}
 
 
@@ -103,7 +115,7 @@ def test_video_i_uses_seed_plus_i_whatever_the_batch(t2v_pipe, overrides):
     batch = t2v_pipe.generate(PROMPTS, seed=10, **overrides)
     for i in range(len(PROMPTS)):
         alone = t2v_pipe.generate([PROMPTS[i]], seed=10 + i, **overrides)
-        np.testing.assert_array_equal(alone[0], batch[i], err_msg=f"video {i}")
+        assert_videos_close(alone[0], batch[i], f"video {i}")
     other = t2v_pipe.generate([PROMPTS[0]], seed=11, **overrides)
     assert not np.array_equal(other[0], batch[0])  # the seed matters
 
@@ -180,7 +192,7 @@ def test_guidance_interval_guides_only_inside(t2v_pipe, record_dit):
     assert_matches_reference(t2v_pipe, reference, video, seeds=[3, 4])
     # the interval that holds every step is plain CFG
     full = t2v_pipe.generate(PROMPTS[:2], seed=3, sample_guide_interval=[0, 1000])
-    np.testing.assert_array_equal(full, t2v_pipe.generate(PROMPTS[:2], seed=3))
+    assert_videos_close(full, t2v_pipe.generate(PROMPTS[:2], seed=3), "interval [0, 1000] vs no interval")
 
 
 @pytest.mark.parametrize("interval", [[500], [800, 300], [-1, 500], [0, 1001]])
