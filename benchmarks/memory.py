@@ -163,7 +163,7 @@ def main() -> None:
                   f"{r['estimate_gib']:.3f} GiB, planner/measured {r['ratio']:.2f}")
         write_tables(rows, Path(a.replan))
         return
-    from scripts.make_tiny_model import make_tiny_model
+    from models.components import make_tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

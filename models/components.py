@@ -29,8 +29,10 @@ from models.loading import (
     read_json,
     read_sharded,
     read_state_dict,
+    write_dit_folder,
     write_safetensors,
 )
+from models.registry import get_spec
 from models.t5 import ByteTokenizer, HFTokenizer, TextEncoder, UMT5Encoder
 from models.wan_model import WanModel
 
@@ -194,3 +196,20 @@ def copy_components(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(src / entry["file"], dst / entry["file"])
         elif "path" in entry:
             shutil.copytree(src / entry["path"], dst / entry["path"], dirs_exist_ok=True)
+
+
+TINY_COMPONENTS = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-components"
+
+
+def make_tiny_model(out: str | Path, spec: str = "tiny-t2v", components: str | Path = TINY_COMPONENTS,
+                    seed: int = 0, **dit_overrides: Any) -> Path:
+    """Write a Wan-style folder with a random DiT of registry `spec` plus the shared tiny components.
+
+    The head is initialised non-zero (Wan's init zeroes it, which would make every output constant). Used by
+    tests, benchmarks and `python -m scripts.make_tiny_model`."""
+    torch.manual_seed(seed)
+    dit = build_dit({**get_spec(spec).dit, **dit_overrides})
+    torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+    write_dit_folder(out, dit)
+    copy_components(components, out)
+    return Path(out)

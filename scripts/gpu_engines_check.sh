@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single-GPU check of the sharded DMD engines (distill/engines.py): the CUDA / NCCL code paths that the CPU tests
 # (tests/test_engines.py, 2 gloo processes) cannot reach: meta-device init + broadcast on cuda, FSDP2 mixed
-# precision, DeepSpeed bf16. One process per engine on the tiny random teacher (scripts/make_tiny_model.py):
+# precision, DeepSpeed bf16. One process per engine on the tiny random teacher (models.components.make_tiny_model):
 #   fp32: losses of every engine == plain single-process DDP (rtol 1e-3), consolidated EMA == exported student;
 #   bf16: every engine runs 4 steps with finite losses.
 #     bash scripts/gpu_engines_check.sh            # ~2-4 min on one H100; prints PASS/FAIL per engine
@@ -18,7 +18,7 @@ torch.cuda.get_device_name())"
 "$PY" - "$OUT" <<'PYEOF'
 import sys
 from pathlib import Path
-from scripts.make_tiny_model import make_tiny_model
+from models.components import make_tiny_model
 make_tiny_model(Path(sys.argv[1]) / "teacher", "tiny-t2v", seed=0, dim=64, ffn_dim=128, num_heads=2, num_layers=2)
 PYEOF
 run() {  # run ENGINE PRECISION

@@ -1,7 +1,7 @@
 """Shared fixtures: random tiny T2V / I2V model folders (built once per session) and small inference configs.
 
-The folders come from `scripts.make_tiny_model` (a random tiny DiT + the committed checkpoints/tiny-components)
-with a shrunken DiT (SMALL_DIT) so that a whole generation of 5 frames at 32x32 takes milliseconds on a CPU.
+The folders come from `models.components.make_tiny_model` (a random tiny DiT + the committed
+checkpoints/tiny-components) with a shrunken DiT (SMALL_DIT) so that a whole generation of 5 frames at 32x32 takes milliseconds on a CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def one_thread():
 
 
 def _make_folder(tmp_path_factory, spec: str) -> Path:
-    from scripts.make_tiny_model import make_tiny_model
+    from models.components import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp(spec), spec, seed=0, **SMALL_DIT)
 

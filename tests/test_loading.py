@@ -44,7 +44,7 @@ def _assert_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory) -> Path:
     """Different DiT weights of the same architecture (another seed), as a single safetensors file."""
-    from scripts.make_tiny_model import make_tiny_model
+    from models.components import make_tiny_model
     from tests.conftest import SMALL_DIT
 
     folder = tmp_path_factory.mktemp("tiny-t2v-seed1")
