@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from distill.engines import ShardedEngine
+from distill.engine_base import ShardedEngine
 
 
 # ---- flat chunks: the DeepSpeed partition layout ----------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from distill.engines import ShardedEngine
+from distill.engine_base import ShardedEngine
 
 
 class FSDP2Engine(ShardedEngine):
