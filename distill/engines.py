@@ -1,8 +1,8 @@
 """Sharded training engines for the DMD networks: FSDP2 (full or hybrid shard) and DeepSpeed ZeRO-2 / ZeRO-3.
 
 `ddp` (the default) is accelerate's DistributedDataParallel and lives in distill/trainer.py; this module chooses
-among the engines that split the model states over the processes, defines their interface (`ShardedEngine`) and
-consolidates their checkpoints; the engines themselves are `distill/engine_fsdp.py` and
+among the engines that split the model states over the processes and consolidates their checkpoints; their
+interface (`ShardedEngine`) is distill/engine_base.py and the engines are `distill/engine_fsdp.py` and
 `distill/engine_deepspeed.py`:
 
 | engine | trainable weights | grads + AdamW states | EMA | frozen teacher (real_score) |
