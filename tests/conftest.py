@@ -1,7 +1,8 @@
 """Shared fixtures: random tiny T2V / I2V model folders (built once per session) and small inference configs.
 
 The folders come from `models.components.make_tiny_model` (a random tiny DiT + the committed
-checkpoints/tiny-components) with a shrunken DiT (SMALL_DIT) so that a whole generation of 5 frames at 32x32 takes milliseconds on a CPU.
+checkpoints/tiny-components) with a shrunken DiT (SMALL_DIT) so that a whole generation of 5 frames at 32x32
+takes milliseconds on a CPU.
 """
 
 from __future__ import annotations
