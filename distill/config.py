@@ -46,6 +46,11 @@ class DataConfig:
     cfg_dropout: float = 0.1  # probability of replacing the prompt by "" (classifier-free guidance training)
     seed: int = 0
     object_size: list[float] = field(default_factory=lambda: [0.2, 0.32])  # shapes: side range (of min(H, W))
+    # -- prompt-embedding store (distill/encode_prompts.py, docs/data.md) --
+    text_store: str | None = None  # folder of the store (encoded on first use if missing); None: in-memory cache
+    text_store_dtype: str = "bf16"  # bf16 | fp16 | fp32: the encoder's compute dtype and the stored dtype
+    text_store_chunk: int = 1024  # prompts per shard file (the unit of resume and of the split across ranks)
+    text_store_micro_batch: int = 32  # prompts per umT5 forward
 
     def world(self) -> ShapesWorld:
         """The shapes world these settings render (frames, size, object size range)."""
@@ -201,6 +206,14 @@ class TrainConfig:
         if len(self.data.object_size) != 2:
             raise ValueError(f"data.object_size must be [min, max] (object side, fraction of min(height, width)), "
                              f"got {list(self.data.object_size)}")
+        # -- prompt-embedding store --
+        _choice("data.text_store_dtype", self.data.text_store_dtype, ("bf16", "fp16", "fp32"))
+        if self.data.text_store_chunk < 1 or self.data.text_store_micro_batch < 1:
+            raise ValueError(f"data.text_store_chunk and data.text_store_micro_batch must be >= 1, got "
+                             f"{self.data.text_store_chunk} / {self.data.text_store_micro_batch}")
+        if self.data.text_store and self.task == "pretrain":
+            raise ValueError("data.text_store is for the distillation tasks (ode/dmd); pretrain uses the shapes "
+                             "world's in-memory cache: unset data.text_store")
         if self.data.source == "shapes":
             self.data.world()  # ShapesWorld checks the object size range against the frame and the travel
         if self.pretrain.timestep_shift <= 0:

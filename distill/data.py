@@ -1,13 +1,18 @@
-"""Training batches from the shapes world: rendered on the fly, encoded to latents, text from a cache.
+"""Training batches: the shapes world (rendered on the fly, encoded to latents) and prompt lists (text from an
+in-memory cache or the memory-mapped prompt store of distill/encode_prompts.py; I2V images from pairs sources).
 
 Every video is a pure function of (data seed, step, micro-batch, rank, index), so the data position of a
 run is its step counter: a resumed run sees exactly the batches the killed one would have seen, and two
 processes never see the same video.
+
+Text tables (`TextCache`, `encode_prompts.PromptStore`) share one interface: `rows(index) -> [B, text_len, dim]`
+fp32 zero-padded per batch, rows in prompt-list order, the negative prompt at `negative_row` (the last row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,25 +20,40 @@ from torch import Tensor
 
 from data.shapes import PROMPTS, ShapesWorld
 from distill.losses import Cond
+from distill.prompts import DATASET_SUFFIXES, load_prompts
 from inference.pipeline import image_condition, image_to_tensor
 from inference.video import read_image
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 class TextCache:
-    """Text embeddings computed once for a fixed prompt set, zero-padded to text_len: [text_len, dim] each."""
+    """Text embeddings of a prompt list computed once and held in RAM, trimmed ([L_i, dim] fp32 each); rows
+    are padded per batch. For short lists (the shapes world); long lists use the prompt store."""
 
     def __init__(self, text_encoder, prompts: Sequence[str], text_len: int) -> None:
-        prompts = list(dict.fromkeys(prompts))
-        embs = text_encoder.encode(prompts)
-        self.table = {}
-        for p, e in zip(prompts, embs):
-            row = torch.zeros(text_len, e.shape[-1])
-            row[: min(len(e), text_len)] = e[:text_len].float()
-            self.table[p] = row
+        self.prompts, self.text_len = list(prompts), text_len
+        unique = list(dict.fromkeys(self.prompts))
+        self.table = {p: e[:text_len].float().cpu() for p, e in zip(unique, text_encoder.encode(unique))}
+        self.negative_row = len(self.prompts) - 1
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     def __call__(self, prompts: Sequence[str]) -> Tensor:
-        """[B, text_len, dim] for prompts of the cached set (a KeyError names an unknown prompt)."""
-        return torch.stack([self.table[p] for p in prompts])
+        """[B, text_len, dim] for prompts of the cached list (a KeyError names an unknown prompt)."""
+        return _pad([self.table[p] for p in prompts], self.text_len)
+
+    def rows(self, index: Sequence[int]) -> Tensor:
+        """[B, text_len, dim] fp32 for rows `index` of the prompt list."""
+        return self([self.prompts[int(i)] for i in index])
+
+
+def _pad(embs: Sequence[Tensor], text_len: int) -> Tensor:
+    out = torch.zeros(len(embs), text_len, embs[0].shape[-1])
+    for b, e in enumerate(embs):
+        out[b, : len(e)] = e.float()
+    return out
 
 
 class ShapesBatches:
@@ -68,52 +88,167 @@ class ShapesBatches:
         return x0, cond, list(prompts)
 
 
+class ImagePairs:
+    """I2V prompt/image pairs: the prompts in RAM (they index the text table), each image read when its batch
+    is drawn (a file, or a row of a memory-mapped `datasets` table)."""
+
+    def __init__(self, prompts: Sequence[str], read: Callable[[int], np.ndarray], source: str) -> None:
+        self.prompts, self._read, self.source = list(prompts), read, source
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def image(self, i: int) -> np.ndarray:
+        """Pair i's image, uint8 [H, W, 3]."""
+        return self._read(int(i))
+
+
+def load_pairs(path: str | Path, column: str = "prompt", image_column: str = "image") -> ImagePairs:
+    """Prompt/image pairs from a json/jsonl/csv/parquet/arrow file or a `datasets` folder (an image column of
+    paths, relative to the file's folder, or a `datasets.Image` column), or a folder of images each with a
+    same-named .txt caption (`cat.png` + `cat.txt`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt/image source not found: {path} (expected a json/jsonl/csv/parquet/arrow "
+                                f"file, a datasets folder, or a folder of images with .txt captions)")
+    datasets_folder = path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file())
+    if path.is_dir() and not datasets_folder:
+        return _caption_folder(path)
+    if not datasets_folder and path.suffix not in DATASET_SUFFIXES:
+        raise ValueError(f"{path}: I2V pairs need a json/jsonl/csv/parquet/arrow file, a datasets folder or a "
+                         f"folder of images with .txt captions")
+    import datasets
+
+    ds = datasets.load_from_disk(str(path)) if datasets_folder else \
+        datasets.load_dataset(DATASET_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    for col in (column, image_column):
+        if col not in ds.column_names:
+            raise ValueError(f"{path}: no column {col!r}; columns are {ds.column_names}")
+    prompts = [str(p) for p in ds[column]]
+    if isinstance(ds.features[image_column], datasets.Image):  # decoded one row at a time, never all at once
+        images = ds.select_columns([image_column])
+        return ImagePairs(prompts, lambda i: np.asarray(images[i][image_column].convert("RGB")), str(path))
+    root = path if path.is_dir() else path.parent
+    files = [str(p if Path(p).is_absolute() else root / p) for p in ds[image_column]]
+    missing = [p for p in files if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of {path} not found, e.g. {missing[:3]}")
+    return ImagePairs(prompts, lambda i: read_image(files[i]), str(path))
+
+
+def _caption_folder(folder: Path) -> ImagePairs:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with .txt captions")
+    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} image(s) without a .txt caption, e.g. {missing[:3]}")
+    prompts = [p.with_suffix(".txt").read_text().strip() for p in images]
+    files = [str(p) for p in images]
+    return ImagePairs(prompts, lambda i: read_image(files[i]), str(folder))
+
+
 class PromptBatches:
-    """Conditioning-only batches for distillation: prompts (and, for I2V, first frames of the shapes world).
+    """Conditioning-only batches for distillation: prompts (and, for I2V, first frames of the shapes world or of
+    a pairs source), text rows from a text table (`TextCache` or `PromptStore`).
 
     Prompt i of (step, micro, rank) is drawn from `prompts` with a generator seeded by those numbers, so the
-    data position is the step counter (exact resume) and ranks see different prompts.
+    data position is the step counter (exact resume) and ranks see different prompts. I2V conditioning (CLIP
+    features, first-frame latents) is computed per batch by `vae` / `image_encoder` on `device`.
     """
 
-    def __init__(self, prompts: Sequence[str], text: TextCache, negative: str, seed: int, rank: int = 0,
-                 world_size: int = 1, vae=None, image_encoder=None, world: ShapesWorld | None = None,
-                 image_paths: Sequence[str] | None = None) -> None:
-        self.prompts, self.text, self.negative = list(prompts), text, negative
+    def __init__(self, prompts: Sequence[str], text, seed: int, rank: int = 0, world_size: int = 1, vae=None,
+                 image_encoder=None, world: ShapesWorld | None = None, images: ImagePairs | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.prompts, self.text = list(prompts), text
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.vae, self.image_encoder, self.world = vae, image_encoder, world
-        self.image_paths = None if image_paths is None else list(image_paths)
-        if image_encoder is not None and world is None and self.image_paths is None:
-            raise ValueError("I2V distillation needs conditioning images: data.source=shapes, or a prompt source "
-                             "with an image column (data.image_column)")
+        self.vae, self.image_encoder, self.world, self.images = vae, image_encoder, world, images
+        self.device = torch.device(device)
+        if len(text) != len(self.prompts) + 1:
+            raise ValueError(f"the text table holds {len(text)} rows; expected the {len(self.prompts)} prompts "
+                             f"and the negative prompt")
+        if image_encoder is not None and world is None and images is None:
+            raise ValueError("I2V distillation needs conditioning images: data.source=shapes, or a prompt/image "
+                             "pairs source (data.prompt_path with data.image_column, or a captioned image folder)")
+        self.row_of = {p: i for i, p in enumerate(self.prompts)} if world is not None else None
+
+    def draw(self, step: int, micro: int, accum: int, batch: int) -> tuple[list[int], list[int]]:
+        """(prompt rows, video seeds) of a batch."""
+        index = ((step * accum + micro) * self.world_size + self.rank) * batch
+        seeds = [self.seed * 1_000_003 + index + i for i in range(batch)]
+        if self.world is not None:  # shapes: prompts from the world's own sampler (videos only for I2V images)
+            return [self.row_of[self.world.sample_prompt(s)] for s in seeds], seeds
+        rng = np.random.default_rng([self.seed, index])
+        return rng.integers(len(self.prompts), size=batch).tolist(), seeds
 
     @torch.no_grad()
     def get(self, step: int, micro: int, accum: int, batch: int,
             latent_shape: tuple[int, int, int, int]) -> tuple[Cond, Cond, list[str]]:
-        """(cond, uncond, prompts) for a batch; uncond uses the negative prompt and shares I2V inputs."""
-        index = ((step * accum + micro) * self.world_size + self.rank) * batch
-        rng = np.random.default_rng([self.seed, index])
-        seeds = [self.seed * 1_000_003 + index + i for i in range(batch)]
-        if self.world is not None:  # shapes: prompts from the world's own sampler (videos only for I2V images)
-            prompts = [self.world.sample_prompt(s) for s in seeds]
-        else:
-            rows = rng.integers(len(self.prompts), size=batch)
-            prompts = [self.prompts[i] for i in rows]
-        cond = Cond(self.text(prompts))
-        uncond = Cond(self.text([self.negative] * batch))
+        """(cond, uncond, prompts) for a batch on `device`: context [B, text_len, dim]; I2V clip_fea
+        [B, N, clip_dim] and y [B, 4 + z, f, h, w], shared by uncond (the negative prompt)."""
+        rows, seeds = self.draw(step, micro, accum, batch)
+        prompts = [self.prompts[i] for i in rows]
+        cond = Cond(self.text.rows(rows).to(self.device))
+        uncond = Cond(self.text.rows([self.text.negative_row] * batch).to(self.device))
         if self.image_encoder is not None:
-            if self.world is not None:
-                frames = [self.world.render(p, s)[0] for p, s in zip(prompts, seeds)]
-            else:  # image files, resized to the training size (image_condition resizes to the latent grid)
-                frames = [read_image(self.image_paths[i]) for i in rows]
-            _, _, h, w = latent_shape
-            size = (h * self.vae.spatial_stride, w * self.vae.spatial_stride)
-            images = torch.cat([torch.nn.functional.interpolate(image_to_tensor(f)[None], size=size, mode="bicubic")
-                                for f in frames]).clamp(-1, 1)
-            clip_fea, y = image_condition(self.vae, self.image_encoder, images, latent_shape)
-            cond.clip_fea = uncond.clip_fea = clip_fea
-            cond.y = uncond.y = y
+            cond.clip_fea, cond.y = self.image_inputs(rows, seeds, latent_shape)
+            uncond.clip_fea, uncond.y = cond.clip_fea, cond.y
         return cond, uncond, prompts
 
+    def image_inputs(self, rows: Sequence[int], seeds: Sequence[int],
+                     latent_shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+        """(clip_fea, y) of the batch's first frames, resized to the training size, encoded on `device`."""
+        if self.world is not None:
+            frames = [self.world.render(self.prompts[r], s)[0] for r, s in zip(rows, seeds)]
+        else:
+            frames = [self.images.image(r) for r in rows]
+        _, _, h, w = latent_shape
+        size = (h * self.vae.spatial_stride, w * self.vae.spatial_stride)
+        images = torch.cat([torch.nn.functional.interpolate(image_to_tensor(f)[None], size=size, mode="bicubic")
+                            for f in frames]).clamp(-1, 1)
+        return image_condition(self.vae, self.image_encoder, images.to(self.device), latent_shape)
+
+
+def is_i2v(cfg) -> bool:
+    """Whether the config's DiT (model.path's config.json, else model.spec) takes image conditioning."""
+    from distill.plan import dit_config
+
+    return dit_config(cfg)["model_type"] in ("i2v", "flf2v")
+
+
+def source_data(cfg, i2v: bool) -> tuple[list[str], ShapesWorld | None, ImagePairs | None]:
+    """(prompts in source order, shapes world or None, image pairs or None) of a distillation config."""
+    if cfg.data.source == "shapes":
+        return list(PROMPTS), cfg.data.world(), None
+    if i2v:
+        pairs = load_pairs(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
+        return pairs.prompts, None, pairs
+    return load_prompts(cfg.data.prompt_path, cfg.data.prompt_column), None, None
+
+
+def source_prompts(cfg) -> list[str]:
+    """The training prompts of a config in source order (what the prompt store encodes before the negative)."""
+    return source_data(cfg, is_i2v(cfg))[0]
+
+
+def build_prompt_batches(cfg, i2v: bool, text_encoder, vae, image_encoder, text_len: int, seed: int,
+                         device: torch.device, rank: int = 0, world_size: int = 1,
+                         barrier: Callable[[], None] = lambda: None,
+                         log: Callable[[str], None] = print) -> PromptBatches:
+    """The distillation data of a config: prompts (and images) from `data.*`, text rows from the prompt store
+    `data.text_store` (encoded first where missing, by all ranks together) or, without one, an in-memory
+    cache; I2V encoders moved to `device`. Every rank must call it (the store encode holds barriers)."""
+    from distill.encode_prompts import ensure_store, negative_prompt
+
+    prompts, world, pairs = source_data(cfg, i2v)
+    listed = prompts + [negative_prompt(cfg)]
+    if cfg.data.text_store:
+        text = ensure_store(cfg, listed, text_len, device, rank, world_size, barrier, log)
+    else:
+        text = TextCache(text_encoder, listed, text_len)
+    if image_encoder is not None:
+        vae, image_encoder = vae.to(device), image_encoder.to(device)
+    return PromptBatches(prompts, text, seed, rank, world_size, vae, image_encoder, world, pairs, device)
 
 def all_prompts() -> list[str]:
     """The world's 96 prompts plus "" (the unconditional prompt for CFG dropout)."""

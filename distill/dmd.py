@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-from data.shapes import PROMPTS
 from distill.adapters import lightx2v_lora, merged, with_lora
-from distill.data import PromptBatches, TextCache
+from distill.data import PromptBatches, build_prompt_batches
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
-from distill.prompts import load_prompt_images, load_prompts
 from distill.trainer import Metrics, Trainer
-from inference.config import WAN_NEGATIVE_PROMPT, InferConfig
+from inference.config import InferConfig
 from inference.pipeline import WanPipeline
 from inference.sampling import backward_simulation
 from inference.schedulers import DistillScheduler
@@ -131,19 +129,11 @@ class DMDTrainer(Trainer):
         self.data = self._build_data(text_len)
 
     def _build_data(self, text_len: int) -> PromptBatches:
-        cfg = self.cfg
-        negative = WAN_NEGATIVE_PROMPT if cfg.distill.negative_prompt is None else cfg.distill.negative_prompt
-        world, images = None, None
-        if cfg.data.source == "shapes":
-            prompts = list(PROMPTS)
-            world = cfg.data.world()
-        elif self.task == "i2v":
-            prompts, images = load_prompt_images(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
-        else:
-            prompts = load_prompts(cfg.data.prompt_path, cfg.data.prompt_column)
-        text = TextCache(self.text_encoder, prompts + [negative], text_len)
-        return PromptBatches(prompts, text, negative, cfg.data.seed, self.accelerator.process_index,
-                             self.accelerator.num_processes, self.vae, self.image_encoder, world, images)
+        """Prompts (I2V: images) and text rows (prompt store or in-memory cache): distill/data.py."""
+        acc = self.accelerator
+        return build_prompt_batches(self.cfg, self.task == "i2v", self.text_encoder, self.vae, self.image_encoder,
+                                    text_len, self.cfg.data.seed, self.device, acc.process_index,
+                                    acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
 
     # ---- one iteration ----------------------------------------------------------------------------------------
     def _batch(self, step: int, micro: int, phase: int) -> tuple[Cond, Cond, torch.Tensor, torch.Generator]:
