@@ -1,12 +1,15 @@
-"""`ode` task: ODE-regression initialisation of the few-step generator (docs/step_distillation.md "ODE initialisation").
+"""`ode` task: ODE-regression initialisation of the few-step generator (dmd.md "ODE initialisation").
 
 1. Trajectories: the teacher (CFG, Euler on a fine grid that passes *exactly* through the student's warped
    sigmas — the anchors stored states at mismatched timesteps) integrates from noise; the states at the
    student's sigmas and the clean endpoint are stored as safetensors shards `<trajectories>/shard_00000.safetensors` ...
-   (`states` [n, K+1, C, F, H, W]; prompts and I2V inputs alongside). Generation is resumable: finished
-   shards are skipped, each shard is written atomically.
+   (`states` [n, K+1, C, F, H, W]; prompt rows and I2V inputs alongside). Every rank writes its share (shard s
+   on rank s % processes; a shard's prompts and noise depend on s alone, so any process count writes the same
+   files), each shard atomically, finished shards are skipped (resumable); rank 0 then writes `index.json`
+   (shards, sigmas, a digest of the prompt list the rows refer to).
 2. Regression: pick a trajectory and a student step k, predict x0 from the stored state with the generator,
-   minimise mean((x_k - s_k v - x0)^2) (distill/losses.py `ode_regression_loss`).
+   minimise mean((x_k - s_k v - x0)^2) (distill/losses.py `ode_regression_loss`). The shards are read
+   memory-mapped, one trajectory at a time: a bank of any size costs no RAM.
 
     accelerate launch train.py --config configs/tiny/t2v_ode.yaml
 """
@@ -21,12 +24,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from data.shapes import PROMPTS
-from distill.data import PromptBatches, TextCache
+from distill.data import PromptBatches, build_prompt_batches
+from distill.encode_prompts import negative_prompt, prompts_digest
 from distill.losses import Cond, guided_x0, ode_regression_loss
-from distill.prompts import load_prompts
 from distill.trainer import Metrics, Trainer
-from inference.config import WAN_NEGATIVE_PROMPT
 from inference.flow import shift_sigma
 from inference.schedulers import DistillScheduler, FlowEulerScheduler
 from models.components import copy_components, load_dit, load_encoders
@@ -71,25 +72,62 @@ def teacher_trajectory(teacher, noise: torch.Tensor, cond: Cond, uncond: Cond, g
     return torch.stack(states, dim=1)
 
 
+TRAJECTORY_INDEX = "index.json"
+
+
+class TrajectoryBank:
+    """The trajectory shards of a folder, read memory-mapped per batch; in RAM only the index."""
+
+    def __init__(self, root: str | Path, sigmas: list[float], prompts_digest: str) -> None:
+        root = Path(root)
+        if not (root / TRAJECTORY_INDEX).is_file():
+            raise FileNotFoundError(f"no trajectory index {root / TRAJECTORY_INDEX}: generate the trajectories "
+                                    f"first (task ode writes them when missing)")
+        index = json.loads((root / TRAJECTORY_INDEX).read_text())
+        if not np.allclose(index["sigmas"], sigmas):
+            raise ValueError(f"{root} holds states at sigmas {index['sigmas']}, but the student uses {sigmas}: "
+                             f"regenerate (delete {root}) or fix distill.*")
+        if index["prompts"] != prompts_digest:
+            raise ValueError(f"{root} was generated from another prompt list (digest {index['prompts']}, now "
+                             f"{prompts_digest}): its prompt rows would point at other prompts; regenerate (delete "
+                             f"{root}) or restore data.prompt_path / distill.negative_prompt")
+        self.files = [safe_open(str(root / s["file"]), "pt") for s in index["shards"]]
+        self.where = [(f, i) for f, s in enumerate(index["shards"]) for i in range(s["n"])]
+        self.rows = [r for s in index["shards"] for r in s["rows"]]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def get(self, idx: list[int], key: str) -> torch.Tensor:
+        """Tensor `key` (states [B, K+1, C, F, H, W], y, clip_fea) of trajectories `idx`."""
+        parts = []
+        for j in idx:
+            f, i = self.where[j]
+            parts.append(self.files[f].get_slice(key)[i:i + 1])
+        return torch.cat(parts)
+
+    def has(self, key: str) -> bool:
+        return key in self.files[0].keys()
+
+
 class ODETrainer(Trainer):
     def build(self) -> None:
-        cfg = self.cfg
+        cfg, acc = self.cfg, self.accelerator
         teacher = load_dit(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False).to(self.device)
         self.task = "i2v" if teacher.model_type in ("i2v", "flf2v") else "t2v"
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
         self.sigmas = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift).sigmas[:-1]
-        negative = WAN_NEGATIVE_PROMPT if cfg.distill.negative_prompt is None else cfg.distill.negative_prompt
-        world = cfg.data.world() \
-            if cfg.data.source == "shapes" else None
-        prompts = list(PROMPTS) if world is not None else load_prompts(cfg.data.prompt_path)
-        self.text = TextCache(text_encoder, prompts + [negative], teacher.text_len)
-        data = PromptBatches(prompts, self.text, negative, cfg.data.seed + 7919, 0, 1, self.vae, image_encoder, world)
+        data = build_prompt_batches(cfg, self.task == "i2v", text_encoder, self.vae, image_encoder,
+                                    teacher.text_len, cfg.data.seed + 7919, self.device, acc.process_index,
+                                    acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
+        # a shard's prompts are drawn by its index alone (as one process would): any process count, same shards
+        data.rank, data.world_size = 0, 1
+        self.text = data.text
         self.shape = self.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-        if self.is_main:
-            self.generate_trajectories(teacher, data)
-        self.accelerator.wait_for_everyone()
-        self.bank = self.load_trajectories()
+        digest = prompts_digest(data.prompts + [negative_prompt(cfg)])
+        self.generate_trajectories(teacher, data, digest)
+        self.bank = TrajectoryBank(cfg.ode.trajectories, self.sigmas.tolist(), digest)
         gen = copy.deepcopy(teacher).train().requires_grad_(True)
         gen.gradient_checkpointing = cfg.model.gradient_checkpointing
         del teacher
@@ -98,58 +136,61 @@ class ODETrainer(Trainer):
         self.gen, self.opt = self.accelerator.prepare(gen, opt)
         self.networks, self.optimizers = {"generator": self.gen}, {"generator": self.opt}
 
-    def generate_trajectories(self, teacher, data: PromptBatches) -> None:
-        cfg, root = self.cfg.ode, Path(self.cfg.ode.trajectories)
+    def generate_trajectories(self, teacher, data: PromptBatches, digest: str) -> None:
+        """Write this rank's missing shards (shard s on rank s % processes), then (rank 0) the index."""
+        cfg, root, acc = self.cfg.ode, Path(self.cfg.ode.trajectories), self.accelerator
         root.mkdir(parents=True, exist_ok=True)
         n_shards = -(-cfg.num_trajectories // cfg.shard_size)
-        for shard in range(n_shards):
+        mine = range(acc.process_index, n_shards, acc.num_processes)
+        for shard in mine:
             path = root / f"shard_{shard:05d}.safetensors"
             if path.is_file():
                 continue  # resumable: finished shards are kept
-            cond, uncond, prompts = data.get(shard, 0, 1, cfg.shard_size, self.shape)
-            gen = torch.Generator().manual_seed(self.cfg.seed * 7717 + shard)
-            noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
-            states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
-                                        cfg.guidance_scale, self.sigmas.tolist(), cfg.teacher_steps,
-                                        cfg.teacher_shift).cpu()
-            tensors = {"states": states}
-            if cond.y is not None:
-                tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}
-            write_safetensors(tensors, path, metadata={"prompts": json.dumps(prompts),
-                                                       "sigmas": json.dumps(self.sigmas.tolist())})
-            self.logger.event(0, f"trajectories: wrote {path} ({shard + 1}/{n_shards})")
+            self.write_shard(teacher, data, shard, path)
+            self.logger.event(0, f"trajectories: wrote {path} (rank {acc.process_index}: {len(mine)} shards)")
+        acc.wait_for_everyone()
+        if self.is_main:
+            shards = []
+            for shard in range(n_shards):
+                with safe_open(str(root / f"shard_{shard:05d}.safetensors"), "pt") as f:
+                    meta = f.metadata()
+                    n = f.get_slice("states").get_shape()[0]
+                shards.append({"file": f"shard_{shard:05d}.safetensors", "n": n, "rows": json.loads(meta["rows"])})
+            index = {"sigmas": self.sigmas.tolist(), "prompts": digest, "shards": shards}
+            tmp = root / (TRAJECTORY_INDEX + ".tmp")
+            tmp.write_text(json.dumps(index))
+            tmp.replace(root / TRAJECTORY_INDEX)
+        acc.wait_for_everyone()
 
-    def load_trajectories(self) -> dict[str, object]:
-        root = Path(self.cfg.ode.trajectories)
-        shards = sorted(root.glob("shard_*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"no trajectory shards in {root}")
-        parts: dict[str, list] = {"states": [], "y": [], "clip_fea": [], "prompts": []}
-        for path in shards:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata()
-                stored = json.loads(meta["sigmas"])
-                if not np.allclose(stored, self.sigmas.tolist()):
-                    raise ValueError(f"{path} holds states at sigmas {stored}, but the student uses "
-                                     f"{self.sigmas.tolist()}: regenerate (delete {root}) or fix distill.*")
-                for key in f.keys():
-                    parts[key].append(f.get_tensor(key))
-                parts["prompts"] += json.loads(meta["prompts"])
-        return {k: (torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v) for k, v in parts.items()}
+    def write_shard(self, teacher, data: PromptBatches, shard: int, path: Path) -> None:
+        """Trajectories of one shard: prompts and noise keyed by the shard index (the same on any rank)."""
+        cfg = self.cfg.ode
+        rows, _ = data.draw(shard, 0, 1, cfg.shard_size)
+        cond, uncond, prompts = data.get(shard, 0, 1, cfg.shard_size, self.shape)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7717 + shard)
+        noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
+        states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
+                                    cfg.guidance_scale, self.sigmas.tolist(), cfg.teacher_steps,
+                                    cfg.teacher_shift).cpu()
+        tensors = {"states": states}
+        if cond.y is not None:
+            tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}
+        write_safetensors(tensors, path, metadata={"prompts": json.dumps(prompts), "rows": json.dumps(rows),
+                                                   "sigmas": json.dumps(self.sigmas.tolist())})
 
     def train_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step, cfg.optim.lr)
         rng = np.random.default_rng([cfg.seed, step, acc.process_index])
-        n, k_max = len(self.bank["prompts"]), len(self.sigmas)
-        idx = rng.integers(n, size=cfg.batch_size)
+        n, k_max = len(self.bank), len(self.sigmas)
+        idx = rng.integers(n, size=cfg.batch_size).tolist()
         ks = torch.from_numpy(rng.integers(k_max, size=cfg.batch_size))
-        states = self.bank["states"][idx]  # [B, K+1, C, F, H, W]
+        states = self.bank.get(idx, "states")  # [B, K+1, C, F, H, W]
         x_k = states[torch.arange(len(idx)), ks].to(self.device)
-        cond = Cond(self.text([self.bank["prompts"][i] for i in idx]))
-        if len(self.bank["y"]):
-            cond.y, cond.clip_fea = self.bank["y"][idx], self.bank["clip_fea"][idx]
+        cond = Cond(self.text.rows([self.bank.rows[i] for i in idx]))
+        if self.bank.has("y"):
+            cond.y, cond.clip_fea = self.bank.get(idx, "y"), self.bank.get(idx, "clip_fea")
         with acc.autocast():
             loss = ode_regression_loss(self.gen, x_k, self.sigmas[ks].to(self.device), states[:, -1].to(self.device),
                                        cond.to(self.device))
