@@ -10,8 +10,7 @@ Three small classes with one interface:
   multistep warm-up and lower order at the final step.
 - `FlowEulerScheduler`: Euler on the same grid,  x_next = x + (s_next - s) v.
 - `DistillScheduler`: the few-step student's warped `denoising_step_list` (docs/step_distillation.md "Student
-schedule", LightX2V
-  `WanStepDistillScheduler`), deterministic "euler" or re-noising "lcm" update.
+  schedule", LightX2V `WanStepDistillScheduler`), deterministic "euler" or re-noising "lcm" update.
 
 All scalar coefficients are Python floats computed on the host from the (CPU) sigma grid, so a step never
 synchronises with the device.
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from inference.flow import shift_sigma, x0_from_v
+from inference.schedule import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS, UPDATES, StudentSchedule
 
 
 def _check_shift(shift: float) -> float:
@@ -206,48 +206,43 @@ class FlowUniPCScheduler(_FlowScheduler):
         return (s[i] / s[i - 1]) * self._last - (alpha_t * h_phi_1) * m[-1] - (alpha_t * b_h) * res
 
 
-DISTILL_MODES = ("euler", "lcm")
+DISTILL_MODES = UPDATES
 
 
 class DistillScheduler(_FlowScheduler):
     """Few-step student sampler (docs/step_distillation.md "Student schedule"; LightX2V WanStepDistillScheduler).
 
-    sigma_j = shift(d_j / 1000) for d_j in `denoising_step_list`, then 0: [1000, 750, 500, 250] @ shift 5 ->
-    [1, 0.9375, 0.8333, 0.625, 0]; timesteps 1000 sigma_j = [1000, 937.5, 833.33, 625] fed as floats.
-    (LightX2V indexes linspace(1, 0, 1001) shifted at 1000 - d, i.e. sigma = shift(d / 1000).)
+    The grid is the `StudentSchedule`'s (inference/schedule.py): sigma_j = shift(d_j / 1000), then 0;
+    [1000, 750, 500, 250] @ shift 5 -> [1, 0.9375, 0.8333, 0.625, 0]; timesteps 1000 sigma_j fed as floats.
     Update with x0 = x - s v:  "euler": x_next = x0 + s_next v  (deterministic, = x + (s_next - s) v);
     "lcm": x_next = (1 - s_next) x0 + s_next eps_new, eps_new ~ N(0, I) from `generator` (as in training).
     The last step returns x0.
     """
 
-    def __init__(self, denoising_step_list: Sequence[int] = (1000, 750, 500, 250), shift: float = 5.0,
+    def __init__(self, denoising_step_list: Sequence[int] = DEFAULT_STEPS, shift: float = 5.0,
                  mode: str = "euler", num_train_timesteps: int = 1000):
-        steps = list(denoising_step_list) if denoising_step_list is not None else []
-        if not steps or any(isinstance(d, bool) or not isinstance(d, int | float) for d in steps):
-            raise ValueError(f"denoising_step_list must be a non-empty list of numbers, "
-                             f"got {denoising_step_list!r}")
-        if any(not 0 < d <= num_train_timesteps for d in steps):
-            raise ValueError(f"denoising_step_list values must lie in (0, {num_train_timesteps}], "
-                             f"got {steps}")
-        if any(a <= b for a, b in zip(steps[:-1], steps[1:], strict=True)):
-            raise ValueError(f"denoising_step_list must be strictly decreasing, got {steps}")
-        if mode not in DISTILL_MODES:
-            raise ValueError(f"mode (distill update) must be one of {DISTILL_MODES}, got {mode!r}")
-        self.denoising_step_list = steps
-        self.shift = _check_shift(shift)
+        if num_train_timesteps != NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"the distill scheduler works on {NUM_TRAIN_TIMESTEPS} training timesteps, "
+                             f"got {num_train_timesteps}")
+        self.schedule = StudentSchedule(tuple(denoising_step_list) if isinstance(denoising_step_list, list)
+                                        else denoising_step_list, shift, mode)
+        self.denoising_step_list = list(self.schedule.denoising_step_list)
+        self.shift = self.schedule.shift
         self.mode = mode
         self.num_train_timesteps = num_train_timesteps
         self.set_timesteps()
 
+    @classmethod
+    def from_schedule(cls, schedule: StudentSchedule, mode: str | None = None) -> DistillScheduler:
+        """The scheduler of `schedule` (its update rule unless `mode` overrides it)."""
+        return cls(schedule.denoising_step_list, schedule.shift, mode or schedule.update)
+
     def set_timesteps(self, num_steps: int | None = None) -> None:
-        n = len(self.denoising_step_list)
+        n = self.schedule.num_steps
         if num_steps is not None and num_steps != n:
             raise ValueError(f"the distill scheduler runs len(denoising_step_list) = {n} steps, "
                              f"got num_steps={num_steps}; change denoising_step_list instead")
-        s = shift_sigma(np.asarray(self.denoising_step_list, dtype=np.float64) / self.num_train_timesteps,
-                        self.shift)
-        self._set_grid(torch.from_numpy(np.append(s, 0.0).astype(np.float32)),
-                       torch.from_numpy((s * self.num_train_timesteps).astype(np.float32)))
+        self._set_grid(self.schedule.sigmas(), self.schedule.timesteps())
 
     def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self._check_index(i)
