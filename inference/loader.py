@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
 
 from inference.config import InferConfig, load_config
 from inference.lora import apply_lora_configs
+from inference.lora_keys import resolve_lora_path
 from inference.pipeline import WanPipeline
-from models.components import load_dit, load_model_folder
+from models.components import load_dit
+from models.diffusers_folder import load_any_folder
+from models.loading import DISTILL_DIR, DISTILL_NAMES, DIT_WEIGHTS, find_dit_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +46,74 @@ def resolve_model_path(cfg: InferConfig, model_path: str | Path | None) -> Path:
     return path
 
 
+# ---- checks before any weight is read ---------------------------------------------------------------------------
+def check_safetensors(path: str | Path, what: str) -> None:
+    """A truncated or corrupt `.safetensors` file (an interrupted download) -> ValueError naming the file.
+
+    Reads only the header: its JSON must parse and the tensors it lists must end exactly at the end of the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 <= n <= size - 8 else b""
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{what} {path} is not a readable safetensors file (truncated or corrupt header; "
+                         f"{size} bytes): download or write it again") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{what} {path} is truncated or corrupt: its header lists {8 + n + end} bytes, the file "
+                         f"has {size}; download or write it again")
+
+
+def dit_files(cfg: InferConfig, folder: Path) -> tuple[list[Path], bool]:
+    """The DiT weight files the loader will read, and whether they are distilled (or explicitly chosen) weights."""
+    distill = cfg.model_cls == "wan2.1_distill"
+    if cfg.dit_quantized:
+        from inference.quantized import find_quantized_weights
+
+        found = find_quantized_weights(folder, cfg.dit_quant_scheme, distill, cfg.dit_quantized_ckpt)
+        chosen = cfg.dit_quantized_ckpt is not None or found.parent.name.startswith("distill_")
+        files = sorted(found.parent.glob("*.safetensors")) if found.name.endswith(".index.json") else [found]
+        return files, chosen
+    src = find_dit_weights(folder, distill, cfg.dit_original_ckpt)
+    if src.kind == "base":
+        return sorted(folder.glob(DIT_WEIGHTS.replace(".safetensors", "*.safetensors"))), False
+    return [Path(src.path)], True
+
+
+def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool) -> None:
+    """A few-step schedule on base weights with no LoRA makes blurry videos silently: refuse it, naming the fix."""
+    if not cfg.is_distill or distilled or cfg.lora_configs:
+        return
+    has_distill = any((folder / DISTILL_DIR / name).is_file() for name in DISTILL_NAMES)
+    if has_distill and cfg.model_cls != "wan2.1_distill":
+        fix = (f"{folder / DISTILL_DIR} holds distilled weights: pass --model_cls wan2.1_distill (or set "
+               "\"model_cls\": \"wan2.1_distill\" in the config) to load them")
+    else:
+        fix = (f"put the distilled DiT in {folder / DISTILL_DIR / DISTILL_NAMES[0]} (with --model_cls wan2.1_distill), "
+               "set dit_original_ckpt, or add the distill LoRA (lora_configs / --lora_path); for a few-step run of "
+               "the base model on purpose, use infer_steps without a denoising_step_list")
+    raise ValueError(f"the config's denoising_step_list {cfg.denoising_step_list} is a distilled model's schedule, "
+                     f"but only the base (teacher) weights of {folder} would load: the video would be blurry. {fix}")
+
+
+def check_weight_files(cfg: InferConfig, folder: Path) -> None:
+    """Everything about the weight files that can be known without reading them: distilled weights for a distill
+    schedule, and no truncated safetensors file (DiT and LoRAs), each named."""
+    files, distilled = dit_files(cfg, folder)
+    check_distill_source(cfg, folder, distilled)
+    for f in files:
+        if f.suffix == ".safetensors" and f.is_file():
+            check_safetensors(f, "DiT weights")
+    for spec in cfg.lora_configs:
+        lora = resolve_lora_path(spec.path, REPO_ROOT)
+        if lora.suffix == ".safetensors" and lora.is_file():
+            check_safetensors(lora, "LoRA file")
+
+
 def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | None = None,
                   **overrides) -> WanPipeline:
     """Load the networks named by `config` (a JSON path or an InferConfig) once; returns the pipeline."""
@@ -49,6 +121,7 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     if overrides and isinstance(config, InferConfig):
         cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     folder = resolve_model_path(cfg, model_path)
+    check_weight_files(cfg, folder)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     dit_loader, dit_ckpt = load_dit, cfg.dit_original_ckpt
@@ -57,8 +130,48 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
 
         dit_loader = functools.partial(load_quantized_dit, scheme=cfg.dit_quant_scheme)
         dit_ckpt = cfg.dit_quantized_ckpt
-    comps = load_model_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",
-                              dit_ckpt=dit_ckpt, dtype=dtype, device=device,
-                              text_device="cpu" if cfg.cpu_offload else None, dit_loader=dit_loader)
+    if cfg.lazy_load:  # blocks stay in the safetensors files until the offloader reads them
+        from inference.offload import load_dit_lazy
+
+        dit_loader = functools.partial(load_dit_lazy, scheme=cfg.dit_quant_scheme if cfg.dit_quantized else None)
+    offloads = _component_offloads(cfg)
+    home = "cpu" if offloads or cfg.cpu_offload else device  # offloaded parts load on the host, the rest moves below
+    comps = load_any_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
+                            dit_ckpt=dit_ckpt, dtype=dtype, device=home, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
-    return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype)
+    if cfg.use_tiling_vae:
+        enable_vae_tiling(comps.vae, cfg.vae_tile_size, cfg.vae_tile_overlap)
+    stages = _place_components(cfg, comps, device, offloads)
+    return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype,
+                       offload=stages)
+
+
+# ---- offload (inference/offload.py) ----------------------------------------------------------------------
+def _component_offloads(cfg: InferConfig) -> list[str]:
+    """Pipeline stages whose component rests on the host: text_encoder, image_encoder, vae."""
+    flags = {"text_encoder": cfg.t5_cpu_offload, "image_encoder": cfg.clip_cpu_offload, "vae": cfg.vae_cpu_offload}
+    return [name for name, on in flags.items() if on]
+
+
+def _place_components(cfg: InferConfig, comps, device: torch.device, offloads: list[str]):
+    """DiT: block offload (cpu_offload) or the device; other components: the device or their stage only."""
+    from inference.offload import ComponentOffload, enable_offload
+
+    if cfg.cpu_offload:
+        enable_offload(comps.dit, device, cfg.offload_granularity, getattr(comps.dit, "lazy_files", None))
+    else:
+        comps.dit.to(device)
+    modules = {"text_encoder": comps.text_encoder.model, "vae": comps.vae, "image_encoder": comps.image_encoder}
+    for name, module in modules.items():
+        if module is not None and name not in offloads:
+            module.to(device)
+    resting = {n: modules[n] for n in offloads if modules[n] is not None}
+    return ComponentOffload(device, resting) if resting else None
+
+
+def enable_vae_tiling(vae, tile: int, overlap: int) -> None:
+    """Spatial tiling of the Wan VAE (use_tiling_vae); a codec without it is an error naming what supports it."""
+    if not hasattr(vae, "enable_tiling"):
+        raise ValueError(f"use_tiling_vae needs the Wan VAE; this folder's {type(vae).__name__} has no tiling "
+                         "(the tiny PCA codec works on independent 4x4x4 blocks and needs none)")
+    vae.enable_tiling(tile, overlap)

@@ -7,6 +7,8 @@ the scheduler's steps with CFG as one batched forward -> VAE decode -> uint8 fra
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from inference.config import InferConfig, check_video_size
+from inference.offload import ComponentOffload, offloader
 from inference.sampling import sample
+from inference.video import read_image
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
 
 
@@ -101,14 +105,22 @@ class Timings:
 class WanPipeline:
     """Holds the networks once; `generate` may be called many times with per-call overrides."""
 
+    parallel = None  # a torchrun group's ParallelState (inference/parallel.py `attach`); None: one process
+
     def __init__(self, cfg: InferConfig, dit, vae, text_encoder, image_encoder=None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 offload: ComponentOffload | None = None) -> None:
         self.cfg, self.dit, self.vae = cfg, dit, vae
+        self.offload = offload  # components that visit the device only for their stage (inference/offload.py)
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.device, self.dtype = torch.device(device), dtype
         self.timings = Timings()
         if cfg.task == "i2v" and image_encoder is None:
             raise ValueError("task i2v needs an image encoder (CLIP) in the model folder")
+
+    def _stage(self, *names: str) -> contextlib.AbstractContextManager:
+        """Offloaded components among `names` are on the device inside this context (see ComponentOffload)."""
+        return self.offload.stage(*names) if self.offload is not None else contextlib.nullcontext()
 
     # ---- conditioning -------------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
@@ -143,6 +155,8 @@ class WanPipeline:
         `guided` (a guidance interval): one flag per sampler step, decided on the host from the schedule (no
         device sync); the returned function must then be called once per step, in order, as `sample` does.
         Unguided steps run the conditional branch alone."""
+        if self.parallel is not None and self.parallel.cfg.cfg_p_size > 1:  # the two branches on two ranks
+            return self.parallel.cfg_denoiser(self, cond, uncond, guide, clip_fea, y, guided)
         both = None
         if uncond is not None:
             both = (torch.cat([cond, uncond]), None if clip_fea is None else torch.cat([clip_fea, clip_fea]),
@@ -164,12 +178,13 @@ class WanPipeline:
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], seed: int | None = None, image=None,
                  negative_prompt: str | None = None, callback: Callable[[int, int], None] | None = None,
-                 cancel: Callable[[], bool] | None = None, **overrides) -> np.ndarray:
-        """Generate one video per prompt; video i uses seed + i. Returns uint8 [B, F, H, W, 3].
+                 cancel: Callable[[], bool] | None = None, **overrides) -> np.ndarray | None:
+        """Generate one video per prompt; video i uses seed + i. Returns uint8 [B, F, H, W, 3] (None on the
+        ranks other than 0 of a torchrun group, which compute but do not decode).
 
         `overrides` are InferConfig fields for this call only (infer_steps, sample_shift, sample_guide_scale,
         enable_cfg, target_video_length, target_height, target_width, denoising_step_list, ...).
-        `image` (I2V) is one uint8 [H, W, 3] array (shared) or a list of them (one per prompt).
+        `image` (I2V) is one uint8 [H, W, 3] array or image file path (shared), or a list of them (one per prompt).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
@@ -182,16 +197,18 @@ class WanPipeline:
 
         t0 = time.perf_counter()
         use_cfg = cfg.enable_cfg and cfg.sample_guide_scale != 1.0
-        cond = self.encode_text(prompts)
-        neg = negative_prompt if negative_prompt is not None else cfg.sample_neg_prompt
-        uncond = self.encode_text([neg] * len(prompts)) if use_cfg else None
+        with self._stage("text_encoder"):
+            cond = self.encode_text(prompts)
+            neg = negative_prompt if negative_prompt is not None else cfg.sample_neg_prompt
+            uncond = self.encode_text([neg] * len(prompts)) if use_cfg else None
         self.timings.add("text_encoder", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         shape = self.latent_size(cfg, images)
         clip_fea = y = None
         if images is not None:
-            clip_fea, y = self.encode_image(images, shape)
+            with self._stage("image_encoder", "vae"):
+                clip_fea, y = self.encode_image(images, shape)
         self.timings.add("image_encoder", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -208,11 +225,18 @@ class WanPipeline:
             lo, hi = cfg.sample_guide_interval
             guided = [lo <= float(t) <= hi for t in scheduler.timesteps.cpu()]  # the schedule lives on the host
         denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y, guided)
+        if self.parallel is not None:  # all ranks poll rank 0's cancel flag, so they stop at the same step
+            cancel = self.parallel.sync_cancel(cancel)
         latent = sample(denoise, noise, scheduler, callback=callback, cancel=cancel)
+        if (dit_offload := offloader(self.dit)) is not None:
+            dit_offload.release()  # the VAE stage gets the memory of the blocks in flight
         self.timings.add("dit", time.perf_counter() - t0)
+        if self.parallel is not None and not self.parallel.is_main:
+            return None  # on a torchrun group rank 0 alone decodes (docs/parallel_inference.md)
 
         t0 = time.perf_counter()
-        video = self.vae.decode(latent.float())
+        with self._stage("vae"):
+            video = self.vae.decode(latent.float())
         out = to_uint8(video)
         self.timings.add("vae_decode", time.perf_counter() - t0)
         return out
@@ -225,4 +249,6 @@ class WanPipeline:
         imgs = list(image) if isinstance(image, list | tuple) else [image] * n
         if len(imgs) != n:
             raise ValueError(f"got {len(imgs)} images for {n} prompts")
+        # An image file path (str / Path) is read here, with read_image's clear errors (issue 15).
+        imgs = [read_image(im) if isinstance(im, str | os.PathLike) else im for im in imgs]
         return torch.stack([image_to_tensor(im) for im in imgs])
