@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 _B = r"(?<![^.])"  # segment start: beginning of the name or right after a dot
@@ -236,3 +237,159 @@ def from_diffusers_vae_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str,
             new = f"{parts[0]}.{block}.{_vae_rename_inside_block('.'.join(rest), inverse)}"
         out[new] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text and image encoders: official Wan files <-> transformers' `UMT5EncoderModel` / `CLIPVisionModel`, the
+# layouts of a diffusers Wan folder's text_encoder/ and image_encoder/.
+
+_UMT5_TO_HF: list[tuple[str, str]] = [
+    (r"token_embedding\.weight", "shared.weight"),
+    (r"blocks\.(\d+)\.attn\.([qkvo])\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"blocks\.(\d+)\.ffn\.gate\.0\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"blocks\.(\d+)\.ffn\.fc1\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"blocks\.(\d+)\.norm2\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"norm\.weight", "encoder.final_layer_norm.weight"),
+]
+
+
+def _regex_rename(key: str, rules: list[tuple[str, str]], what: str) -> str:
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", repl, key)
+    raise KeyError(f"not a {what} key: {key}")
+
+
+def _invert(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Swap the sides of a rename table whose groups appear once each, in order, on both sides: the
+    replacement side becomes a regex (`\\1` -> the original side's group) and vice versa."""
+    out = []
+    for pattern, repl in rules:
+        groups = re.findall(r"\([^)]*\)", pattern)
+        new_pattern, new_repl = re.escape(repl), pattern
+        for n, group in enumerate(groups, start=1):
+            new_pattern = new_pattern.replace(re.escape(f"\\{n}"), group, 1)
+            new_repl = new_repl.replace(group, f"\\{n}", 1)
+        out.append((new_pattern, new_repl.replace("\\.", ".")))
+    return out
+
+
+_UMT5_FROM_HF = _invert(_UMT5_TO_HF)
+
+
+def umt5_to_transformers_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official umT5 encoder keys (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers `UMT5EncoderModel` keys.
+
+    The embedding is written once as `shared.weight`; transformers ties `encoder.embed_tokens.weight` to it.
+    """
+    return {_regex_rename(k, _UMT5_TO_HF, "Wan umT5 encoder"): v for k, v in state.items()}
+
+
+def umt5_from_transformers_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers `UMT5EncoderModel` keys -> official umT5 keys (the tied `encoder.embed_tokens.weight` is
+    used when `shared.weight` is absent)."""
+    state = dict(state)
+    tied = state.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    return {_regex_rename(k, _UMT5_FROM_HF, "transformers UMT5EncoderModel"): v for k, v in state.items()}
+
+
+def umt5_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers `UMT5Config` fields -> `models.t5.UMT5Encoder` arguments; only Wan's umT5 variant
+    (gated GELU-tanh FFN) is accepted."""
+    act = config.get("feed_forward_proj", "gated-gelu")
+    if act != "gated-gelu":
+        raise ValueError(f"text_encoder config: feed_forward_proj {act!r} is not Wan's umT5 ('gated-gelu')")
+    return dict(vocab_size=config["vocab_size"], dim=config["d_model"], dim_attn=config["d_kv"] * config["num_heads"],
+                dim_ffn=config["d_ff"], num_heads=config["num_heads"], num_layers=config["num_layers"],
+                num_buckets=config.get("relative_attention_num_buckets", 32),
+                max_distance=config.get("relative_attention_max_distance", 128),
+                eps=config.get("layer_norm_epsilon", 1e-6))
+
+
+_CLIP_TO_HF: list[tuple[str, str]] = [
+    (r"patch_embedding\.weight", "embeddings.patch_embedding.weight"),
+    (r"pre_norm\.(weight|bias)", r"pre_layrnorm.\1"),
+    (r"post_norm\.(weight|bias)", r"post_layernorm.\1"),
+    (r"transformer\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"transformer\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+    (r"transformer\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"transformer\.(\d+)\.mlp\.0\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"transformer\.(\d+)\.mlp\.2\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+]
+_HF_VISION = "vision_model."
+
+
+def clip_to_transformers_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official CLIP `visual.*` keys -> transformers `CLIPVisionModel` keys (`vision_model.*`; the fused qkv is
+    split into q/k/v_proj). The `visual.head` projection has no place in `CLIPVisionModel` and is dropped
+    (Wan never uses it: its features are the penultimate block's tokens)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith("visual."):
+            raise KeyError(f"not a CLIP visual key: {key}")
+        name = key.removeprefix("visual.")
+        if name == "head":
+            continue
+        if name == "cls_embedding":
+            out[_HF_VISION + "embeddings.class_embedding"] = value.reshape(-1)
+        elif name == "pos_embedding":
+            out[_HF_VISION + "embeddings.position_embedding.weight"] = value.reshape(value.shape[-2:])
+        elif m := re.fullmatch(r"transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)", name):
+            for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
+                out[f"{_HF_VISION}encoder.layers.{m[1]}.self_attn.{part}_proj.{m[2]}"] = chunk
+        else:
+            out[_HF_VISION + _regex_rename(name, _CLIP_TO_HF, "CLIP visual")] = value
+    return out
+
+
+def clip_from_transformers_state_dict(state: Mapping[str, Tensor], out_dim: int) -> dict[str, Tensor]:
+    """transformers `CLIPVisionModel` / `CLIPVisionModelWithProjection` keys -> official `visual.*` keys.
+
+    Without `visual_projection.weight` (diffusers' Wan I2V stores `CLIPVisionModel`), `visual.head` is filled
+    with zeros of shape [dim, out_dim]: the network needs the parameter for a strict load, Wan never reads it.
+    """
+    rules = _invert(_CLIP_TO_HF)
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    dim = None
+    for key, value in state.items():
+        name = key.removeprefix(_HF_VISION)
+        if name.endswith("position_ids"):  # a non-persistent buffer in recent transformers, persistent in old
+            continue
+        if name == "embeddings.class_embedding":
+            dim = value.numel()
+            out["visual.cls_embedding"] = value.reshape(1, 1, -1)
+        elif name == "embeddings.position_embedding.weight":
+            out["visual.pos_embedding"] = value.unsqueeze(0)
+        elif name == "visual_projection.weight":  # Linear(dim, out_dim) weight [out_dim, dim] -> head [dim, out_dim]
+            out["visual.head"] = value.t()
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
+        else:
+            out["visual." + _regex_rename(name, rules, "transformers CLIPVisionModel")] = value
+    for (layer, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"CLIP layer {layer}: {kind} of q/k/v_proj incomplete, got {sorted(parts)}")
+        out[f"visual.transformer.{layer}.attn.to_qkv.{kind}"] = torch.cat([parts[p] for p in "qkv"])
+    if "visual.head" not in out and dim is not None:
+        out["visual.head"] = torch.zeros(dim, out_dim, dtype=out["visual.cls_embedding"].dtype)
+    return out
+
+
+def clip_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers `CLIPVisionConfig` fields -> `models.clip.CLIPImageEncoder` arguments (exact GELU only, as in
+    open-clip ViT-H/14)."""
+    act = config.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"image_encoder config: hidden_act {act!r} is not Wan's CLIP ('gelu')")
+    dim = config["hidden_size"]
+    return dict(image_size=config["image_size"], patch_size=config["patch_size"], dim=dim,
+                mlp_ratio=config["intermediate_size"] / dim, out_dim=config.get("projection_dim", 512),
+                num_heads=config["num_attention_heads"], num_layers=config["num_hidden_layers"],
+                eps=config.get("layer_norm_eps", 1e-5))

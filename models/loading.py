@@ -15,6 +15,8 @@ codec, byte tokenizer, small umT5/CLIP) and their configs. Weights are streamed:
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,9 +127,112 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_components(folder: Path) -> dict[str, dict[str, Any]]:
-    """Component table: `components.json` of a tiny folder, or the real Wan file names."""
+    """Component table: `components.json` of a tiny folder, or the real Wan file names with each present
+    network's config read off its tensor shapes (so any width and depth of the same architecture loads)."""
     path = folder / COMPONENTS
-    return read_json(path) if path.is_file() else json.loads(json.dumps(WAN_COMPONENTS))
+    if path.is_file():
+        return read_json(path)
+    table = json.loads(json.dumps(WAN_COMPONENTS))
+    for name, infer in (("vae", wan_vae_config_from_state), ("text_encoder", umt5_config_from_state),
+                        ("image_encoder", clip_config_from_state)):
+        file = folder / table[name]["file"]
+        if file.is_file():
+            table[name]["config"] = infer(read_state_dict(file))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Component configs from tensor shapes. The official .pth files carry no config; every width and depth is
+# read off the tensors, so the real files and narrower/shallower files of the same architecture load alike.
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """Number of distinct integers captured by `pattern` (one group) over the keys."""
+    return len({m[1] for k in state if (m := re.match(pattern, k))})
+
+
+def _shape(state: dict[str, torch.Tensor], key: str, what: str) -> tuple[int, ...]:
+    if key not in state:
+        raise KeyMismatchError(f"{what}: key {key!r} not found; is this the right file?")
+    return tuple(state[key].shape)
+
+
+def umt5_config_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`UMT5Encoder` arguments from an official umT5 state dict: vocabulary and width from the embedding,
+    heads and buckets from the relative-position table, depth from the block count."""
+    what = "umT5 encoder"
+    vocab, dim = _shape(state, "token_embedding.weight", what)
+    dim_attn = _shape(state, "blocks.0.attn.q.weight", what)[0]
+    dim_ffn = _shape(state, "blocks.0.ffn.fc1.weight", what)[0]
+    buckets, heads = _shape(state, "blocks.0.pos_embedding.embedding.weight", what)
+    return dict(vocab_size=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads,
+                num_layers=_count(state, r"blocks\.(\d+)\."), num_buckets=buckets)
+
+
+# open-clip ViT-H/14 splits its width into heads of 80 channels; head count is not stored in the file.
+CLIP_HEAD_DIM = 80
+
+
+def clip_config_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`CLIPImageEncoder` arguments from the official open-clip file (`visual.*` keys; others are ignored by
+    the loader): width and patch from the patch conv, image size from the position table, MLP ratio, head
+    projection and depth from their tensors; heads = width / 80 as in ViT-H/14 (1280 -> 16)."""
+    what = "CLIP image encoder"
+    dim, _, patch, _ = _shape(state, "visual.patch_embedding.weight", what)
+    tokens = _shape(state, "visual.pos_embedding", what)[1]
+    side = math.isqrt(tokens - 1)
+    if side * side != tokens - 1:
+        raise KeyMismatchError(f"{what}: {tokens} position embeddings is not 1 + a square number of patches")
+    if dim % CLIP_HEAD_DIM:
+        raise KeyMismatchError(f"{what}: width {dim} is not a multiple of the ViT-H/14 head width {CLIP_HEAD_DIM}")
+    hidden = _shape(state, "visual.transformer.0.mlp.0.weight", what)[0]
+    return dict(image_size=side * patch, patch_size=patch, dim=dim, mlp_ratio=hidden / dim,
+                out_dim=_shape(state, "visual.head", what)[1], num_heads=dim // CLIP_HEAD_DIM,
+                num_layers=_count(state, r"visual\.transformer\.(\d+)\."))
+
+
+def _vae_encoder_blocks(state: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """The encoder's `downsamples` list in order: ("residual", out channels), ("attention", 0),
+    ("downsample2d" | "downsample3d", 0)."""
+    kinds: dict[int, tuple[str, int]] = {}
+    for key, value in state.items():
+        m = re.match(r"encoder\.downsamples\.(\d+)\.(\w+)", key)
+        if not m:
+            continue
+        n, part = int(m[1]), m[2]
+        if part == "residual" and key.endswith("residual.2.weight"):
+            kinds[n] = ("residual", value.shape[0])
+        elif part == "to_qkv":
+            kinds[n] = ("attention", 0)
+        elif part == "time_conv":
+            kinds[n] = ("downsample3d", 0)
+        elif part == "resample" and kinds.get(n, ("",))[0] != "downsample3d":
+            kinds[n] = ("downsample2d", 0)
+    return [kinds[n] for n in sorted(kinds)]
+
+
+def wan_vae_config_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`WanVAE` arguments from an official VAE state dict (`Wan2.1_VAE.pth`): base width, latent channels,
+    per-level widths, residual blocks per level, attention levels and temporal downsampling, all read off the
+    encoder's tensors (the decoder mirrors them)."""
+    what = "Wan VAE"
+    dim = _shape(state, "encoder.conv1.weight", what)[0]
+    z_dim = _shape(state, "conv2.weight", what)[0]
+    levels: list[list[tuple[str, int]]] = [[]]
+    temporal: list[bool] = []
+    for kind, width in _vae_encoder_blocks(state):
+        if kind.startswith("downsample"):
+            temporal.append(kind == "downsample3d")
+            levels.append([])
+        else:
+            levels[-1].append((kind, width))
+    widths = [next(w for k, w in level if k == "residual") for level in levels]
+    res_blocks = {sum(k == "residual" for k, _ in level) for level in levels}
+    if len(res_blocks) != 1 or any(w % dim for w in widths):
+        raise KeyMismatchError(f"{what}: irregular encoder (residual blocks per level {sorted(res_blocks)}, "
+                               f"widths {widths} for base width {dim})")
+    attn = [1.0 / 2**i for i, level in enumerate(levels) if any(k == "attention" for k, _ in level)]
+    return dict(dim=dim, z_dim=z_dim, dim_mult=[w // dim for w in widths], num_res_blocks=res_blocks.pop(),
+                attn_scales=attn, temporal_downsample=temporal)
 
 
 @dataclass
