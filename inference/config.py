@@ -8,11 +8,17 @@ are a warning that names them; invalid values are a `ValueError` that names the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 
 # Wan2.1's default negative prompt (garish colours, overexposed, static, blurry details, subtitles, ...).
 WAN_NEGATIVE_PROMPT = (
@@ -23,23 +29,75 @@ WAN_NEGATIVE_PROMPT = (
 
 TASKS = ("t2v", "i2v")
 MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+# The other Wan names LightX2V's `--model_cls` accepts (its runner registry); each needs a model or a sampler this
+# project does not have, so it is refused with what it is instead of being run as plain Wan2.1.
+UNSUPPORTED_MODEL_CLASSES = {
+    "wan2.1_mean_flow_distill": "a MeanFlow-distilled Wan2.1 (average-velocity sampler)",
+    "wan2.1_vace": "Wan2.1-VACE (reference/mask-conditioned editing)",
+    "wan2.1_sf": "Self-Forcing autoregressive (causal, chunk-by-chunk) Wan2.1",
+    "wan2.1_sf_mtxg2": "Self-Forcing autoregressive Wan2.1 with Matrix-Game-2 action conditioning",
+    "wan2.1_causvid": "CausVid autoregressive (causal) Wan2.1",
+    "wan2.1_df": "diffusion-forcing Wan2.1",
+    "wan2.1_skyreels_v2_df": "SkyReels-V2 diffusion-forcing Wan2.1",
+    "wan2.1_audio": "audio-driven Wan2.1",
+}
 SOLVERS = ("unipc", "euler")
 DISTILL_UPDATES = ("euler", "lcm")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANT_SCHEMES = ("int8", "fp8")
+# LightX2V names a quantization scheme by storage type and the kernel that runs it. The per-output-channel symmetric
+# ones store exactly our layout (codes + fp32 `weight_scale` per row), so they map onto ours; the kernel is ours.
+LIGHTX2V_QUANT_SCHEMES = {f"{kind}-{kernel}": kind for kind in QUANT_SCHEMES
+                          for kernel in ("vllm", "sgl", "q8f", "torchao", "triton")}
+OFFLOAD_GRANULARITIES = ("block", "phase", "model")  # inference/offload.py
 LORA_MODES = ("merge", "runtime")  # merged into the weights at load, or applied unmerged (inference/lora.py)
 # Attention kernels named by LightX2V configs; all run through our attention() (SDPA, or flash-attn if installed).
 ATTENTION_TYPES = ("flash_attn2", "flash_attn3", "sage_attn2", "torch_sdpa", "sdpa", "radial_attn")
 ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")
-# Keys of LightX2V configs that we accept and ignore knowingly (no effect here).
+# Keys of LightX2V configs that have no effect here: accepted (a config written for LightX2V still loads) with a
+# warning naming them, so nobody believes a cache or a tiling is active when it is not.
 IGNORED_KEYS = ("mm_config", "feature_caching", "teacache_thresh", "use_ret_steps", "rotary_chunk", "clean_cuda_cache",
-                "use_tiling_vae", "lazy_load", "t5_cpu_offload", "offload_granularity", "parallel_attn_type")
+                "parallel_attn_type")
 
 
 @dataclass
 class LoraSpec:
     path: str
     strength: float = 1.0
+
+
+# ---- multi-GPU inference: LightX2V's "parallel" block (run by inference/parallel.py) ----------------
+SEQ_P_ATTN_TYPES = ("ulysses", "ring")  # all-to-all over heads | key/value blocks passed around a ring
+CFG_P_SIZES = (1, 2)  # CFG has two branches (cond, uncond)
+
+
+@dataclass
+class ParallelConfig:
+    """`"parallel": {"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2}` (LightX2V's keys).
+
+    A launch of `cfg_p_size x seq_p_size` processes (torchrun): each group of `seq_p_size` ranks splits the video
+    tokens of one CFG branch; `cfg_p_size` 2 puts the conditional and unconditional branches on different groups.
+    """
+
+    seq_p_size: int = 1
+    seq_p_attn_type: str = "ulysses"
+    cfg_p_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.seq_p_size * self.cfg_p_size
+
+    def validate(self, cfg_active: bool) -> None:
+        """The rules that need no launch or model; `cfg_active`: the config runs CFG (two branches)."""
+        if self.seq_p_size < 1:
+            raise ValueError(f"parallel.seq_p_size must be >= 1, got {self.seq_p_size}")
+        _choice("parallel.seq_p_attn_type", self.seq_p_attn_type, SEQ_P_ATTN_TYPES)
+        _choice("parallel.cfg_p_size", self.cfg_p_size, CFG_P_SIZES)
+        if self.cfg_p_size == 2 and not cfg_active:
+            raise ValueError("parallel.cfg_p_size 2 runs the conditional and unconditional CFG branches on "
+                             "different ranks, but this config has no CFG (enable_cfg false or sample_guide_scale "
+                             "1): use seq_p_size alone")
+# ---- end of the parallel block -------------------------------------------------------------------
 
 
 @dataclass
@@ -73,15 +131,26 @@ class InferConfig:
     dit_quantized: bool = False
     dit_quant_scheme: str | None = None  # int8 | fp8: in <model_path>/[distill_]<scheme>/ (inference/quantized.py)
     dit_quantized_ckpt: str | None = None  # explicit quantized DiT file or folder (LightX2V key)
-    cpu_offload: bool = False  # keep the text encoder (umT5-XXL, 11 GB in bf16) on the CPU
+    # ---- memory: offload and VAE tiling (inference/offload.py, docs/big_models.md) ----
+    cpu_offload: bool = False  # DiT weights on the host, copied to the device per offload_granularity
+    offload_granularity: str = "block"  # block | phase (attention / cross-attention / FFN parts) | model
+    lazy_load: bool = False  # with cpu_offload: blocks read from the safetensors files when needed (bounded RAM)
+    t5_cpu_offload: bool = False  # umT5 rests on the host, visits the device for text encoding only
+    clip_cpu_offload: bool = False  # CLIP likewise, for the image-encoding stage
+    vae_cpu_offload: bool = False  # the VAE likewise, for its encode / decode stages
+    use_tiling_vae: bool = False  # spatial tiles (overlap, linear blending) in VAE decode and encode
+    vae_tile_size: int = 48  # tile side in latent pixels (x8 in pixels); >= the VAE's receptive field
+    vae_tile_overlap: int = 16  # latent pixels shared by neighbouring tiles, blended linearly
+    # ---- end of memory keys ----
     attention_type: str = "sdpa"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"
+    parallel: ParallelConfig | None = None  # multi-GPU (torchrun); None: one process
 
     def __post_init__(self) -> None:
-        self.lora_configs = [x if isinstance(x, LoraSpec) else LoraSpec(**x) for x in self.lora_configs]
-        if self.denoising_step_list is not None:
-            self.denoising_step_list = [int(d) for d in self.denoising_step_list]
+        check_field_types(self)  # every key against its annotation, before any rule reads it
+        if self.dit_quant_scheme in LIGHTX2V_QUANT_SCHEMES:  # e.g. "int8-vllm": same storage layout as "int8"
+            self.dit_quant_scheme = LIGHTX2V_QUANT_SCHEMES[self.dit_quant_scheme]
         self.validate()
 
     @property
@@ -90,12 +159,19 @@ class InferConfig:
 
     def validate(self) -> None:
         _choice("task", self.task, TASKS)
+        if self.model_cls in UNSUPPORTED_MODEL_CLASSES:
+            raise ValueError(f"model_cls {self.model_cls!r} ({UNSUPPORTED_MODEL_CLASSES[self.model_cls]}) is a "
+                             f"LightX2V model class this project does not implement; supported: 'wan2.1' (the "
+                             "base/teacher sampler) and 'wan2.1_distill' (a few-step student)")
         _choice("model_cls", self.model_cls, MODEL_CLASSES)
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         _choice("sample_solver", self.sample_solver, SOLVERS)
         _choice("distill_update", self.distill_update, DISTILL_UPDATES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("attention_type", self.attention_type, ATTENTION_TYPES)
         _choice("lora_mode", self.lora_mode, LORA_MODES)
+        self._validate_memory_keys()
         if self.infer_steps < 1:
             raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
         if self.sample_shift <= 0:
@@ -120,8 +196,23 @@ class InferConfig:
             if self.enable_cfg:
                 warnings.warn("enable_cfg is true with a few-step distill scheduler: the student already carries "
                               "the guidance, so CFG on top will blur/oversaturate the output", stacklevel=3)
-        if self.dit_quantized:
-            _choice("dit_quant_scheme", self.dit_quant_scheme, QUANT_SCHEMES)
+        if self.dit_quantized and self.dit_quant_scheme not in QUANT_SCHEMES:
+            raise ValueError(f"dit_quant_scheme must be one of {list(QUANT_SCHEMES)} or a LightX2V per-channel name "
+                             f"({sorted(LIGHTX2V_QUANT_SCHEMES)}), got {self.dit_quant_scheme!r}")
+        if self.parallel is not None:
+            self.parallel.validate(cfg_active=self.enable_cfg and self.sample_guide_scale != 1.0)
+
+    def _validate_memory_keys(self) -> None:
+        """The offload / VAE tiling keys (see the block of fields above)."""
+        _choice("offload_granularity", self.offload_granularity, OFFLOAD_GRANULARITIES)
+        if self.lazy_load and not self.cpu_offload:
+            raise ValueError("lazy_load reads DiT blocks from disk while offloading: it needs cpu_offload: true")
+        if self.lazy_load and self.lora_mode == "merge" and self.lora_configs:
+            raise ValueError("lazy_load reads the DiT weights from the files as they are, so LoRAs cannot be merged "
+                             "into them: use lora_mode 'runtime' (or merge the LoRA into the checkpoint first)")
+        if self.vae_tile_size < 1 or not 0 <= self.vae_tile_overlap < self.vae_tile_size:
+            raise ValueError(f"vae_tile_size must be >= 1 and 0 <= vae_tile_overlap < vae_tile_size (latent pixels), "
+                             f"got {self.vae_tile_size} and {self.vae_tile_overlap}")
 
     def replace(self, **overrides: Any) -> InferConfig:
         """A copy with some fields changed (validated again)."""
@@ -148,12 +239,97 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+# ---- the typed schema: each key checked against its dataclass annotation ----------------------------------------
+# Strict JSON types, driven by the field annotations (so keys added later get the same checks): "17" is not an
+# integer and "false" is not a boolean (a non-empty string would otherwise read as true); NaN/inf are refused;
+# nested dataclasses (lora_configs entries) refuse keys they do not have. Integral floats (1000.0) count as ints.
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint, config=_STRICT)
+
+
+def _integral_floats_to_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list | tuple):
+        return [_integral_floats_to_int(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_to_int(v) for k, v in value.items()}
+    return value
+
+
+def describe_type(hint: Any) -> str:
+    """A reader's name for a field annotation: `list[LoraSpec] | None` -> 'a list of {path: a string, ...} or null'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {describe_type(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "an object"
+    if dataclasses.is_dataclass(hint):
+        inner = typing.get_type_hints(hint)
+        return "{" + ", ".join(f"{f.name}: {describe_type(inner[f.name])}" for f in dataclasses.fields(hint)) + "}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             Any: "any value"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field_types(obj: Any) -> None:
+    """Check (and normalise: dicts -> dataclasses, ints -> floats) every field of the dataclass `obj` in place.
+
+    Raises ValueError naming the key (with its position inside lists/objects), the value and the expected type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            checked = _adapter(hints[f.name]).validate_json(to_json(_integral_floats_to_int(value)))
+        except PydanticSerializationError:
+            raise ValueError(f"config key {f.name}: {value!r} is not a JSON value; expected "
+                             f"{describe_type(hints[f.name])}") from None
+        except ValidationError as e:
+            raise ValueError(_type_message(f.name, value, hints[f.name], e.errors()[0])) from None
+        setattr(obj, f.name, checked)
+
+
+def _at(value: Any, loc: tuple) -> Any:
+    """The part of the user's (un-normalised) value at a pydantic error location."""
+    for part in loc:
+        if isinstance(value, dict):
+            value = value[part]
+        elif isinstance(value, list | tuple):
+            value = value[part]
+        else:
+            value = getattr(value, str(part))
+    return value
+
+
+def _type_message(name: str, value: Any, hint: Any, err: dict[str, Any]) -> str:
+    where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    expected = f"{name} must be {describe_type(hint)}"
+    if err["type"] == "missing":
+        return f"config key {where} is missing in {_at(value, err['loc'][:-1])!r}; {expected}"
+    got = _at(value, err["loc"])
+    msg = f"config key {where} = {got!r} ({type(got).__name__}): {err['msg'].lower()}; {expected}"
+    if isinstance(got, str) and err["type"] == "bool_type":
+        msg += " (write JSON true/false without quotes)"
+    elif isinstance(got, str) and err["type"] in ("int_type", "float_type"):
+        msg += " (write the number without quotes)"
+    return msg
+
+
 def config_from_dict(data: dict[str, Any], **overrides: Any) -> InferConfig:
     """Build an `InferConfig` from LightX2V-style keys; unknown keys warn, attention keys map to ours."""
+    if not isinstance(data, dict):
+        raise ValueError(f"an inference config must be a JSON object of keys ({{\"infer_steps\": 4, ...}}), "
+                         f"got {type(data).__name__}")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name for f in dataclasses.fields(InferConfig)}
     kwargs: dict[str, Any] = {}
-    unknown = []
+    unknown, ignored = [], []
     for key, value in data.items():
         if key in names:
             kwargs[key] = value
@@ -161,10 +337,15 @@ def config_from_dict(data: dict[str, Any], **overrides: Any) -> InferConfig:
             if value not in ATTENTION_TYPES:
                 warnings.warn(f"{key}={value!r} is not an attention type we know ({list(ATTENTION_TYPES)}); "
                               "using SDPA", stacklevel=2)
-        elif key not in IGNORED_KEYS and not key.startswith("_"):
+        elif key in IGNORED_KEYS:
+            ignored.append(key)
+        elif not key.startswith("_"):
             unknown.append(key)
     if unknown:
         warnings.warn(f"unknown inference config key(s) ignored: {sorted(unknown)}", stacklevel=2)
+    if ignored:
+        warnings.warn(f"LightX2V config key(s) accepted but not honoured here (no effect): {sorted(ignored)}",
+                      stacklevel=2)
     return InferConfig(**kwargs)
 
 
@@ -174,7 +355,12 @@ def load_config(path: str | Path, **overrides: Any) -> InferConfig:
     if not path.is_file():
         raise FileNotFoundError(f"inference config not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (a JSON config is): {e}") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return config_from_dict(data, **overrides)
+    try:
+        return config_from_dict(data, **overrides)
+    except ValueError as e:  # name the file: the message names the key
+        raise ValueError(f"{path}: {e}") from e

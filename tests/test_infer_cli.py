@@ -4,6 +4,8 @@ and bad input rejected with exit code 2 and a clear message before any network i
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import imageio.v2 as imageio
 import numpy as np
@@ -35,7 +37,9 @@ def no_model_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(inference.loader, "load_model_folder", boom)
+    for name in ("load_model_folder", "load_any_folder"):  # whichever the loader reads folders with
+        if hasattr(inference.loader, name):
+            monkeypatch.setattr(inference.loader, name, boom)
 
 
 def _reference(config, seed: int, prompts=(PROMPT,)) -> np.ndarray:
@@ -185,3 +189,165 @@ def test_task_mismatch_with_model(tmp_path, tiny_t2v_dir, write_config, capsys):
     config = write_config(tmp_path / "c.json", task="i2v", model_path=str(tiny_t2v_dir))
     _fails(["--config", config, "--prompt", PROMPT, "--image_path", tmp_path / "f.png", "--save_result_path",
             tmp_path / "o.mp4"], capsys, "does not match the DiT", "model_type 't2v'")
+
+
+# ---- issue 15: every bad input named before any model work ----------------------------------------------------
+def test_output_path_that_is_a_directory_leaves_nothing(tmp_path, t2v_config, capsys, no_model_work):
+    target = tmp_path / "dir.mp4"
+    target.mkdir()
+    _fails(["--config", t2v_config, "--prompt", PROMPT, "--save_result_path", target], capsys,
+           "is a directory", str(target))
+    assert list(tmp_path.glob(".*tmp*")) == [] and list(target.iterdir()) == []
+
+
+def test_output_folder_that_is_a_file(tmp_path, t2v_config, capsys, no_model_work):
+    (tmp_path / "plain").write_text("x")
+    _fails(["--config", t2v_config, "--prompt", PROMPT, "--save_result_path", tmp_path / "plain" / "o.mp4"],
+           capsys, "plain is a file, not a folder")
+    _fails(["--config", t2v_config, "--prompt", PROMPT, "--output_dir", tmp_path / "plain"], capsys,
+           "--output_dir", "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, t2v_config, capsys, no_model_work):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        _fails(["--config", t2v_config, "--prompt", PROMPT, "--save_result_path", ro / "o.mp4"], capsys,
+               "not writable", str(ro))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_existing_run_in_output_dir_is_not_overwritten(tmp_path, t2v_config, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "prompts.jsonl").write_text('{"index": 0, "prompt": "earlier"}\n')
+    argv = ["--config", t2v_config, "--prompt_file", tmp_path / "p.txt", "--output_dir", out, "--format", "npy"]
+    _fails(argv, capsys, "already holds an earlier run", "prompts.jsonl", "--overwrite")
+    assert "earlier" in (out / "prompts.jsonl").read_text() and not (out / "000000.npy").exists()
+    assert infer.main([str(a) for a in argv] + ["--overwrite"]) == 0
+    assert json.loads((out / "prompts.jsonl").read_text())["prompt"] == "a red circle"
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--batch_size", "0", "--batch_size: must be >= 1, got 0"),
+    ("--lora_strength", "nan", "--lora_strength: must be a finite number, got 'nan'"),
+    ("--lora_strength", "inf", "--lora_strength: must be a finite number, got 'inf'"),
+])
+def test_cli_numbers_refused_by_argparse(tmp_path, t2v_config, capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--config", str(t2v_config), "--prompt", PROMPT, "--save_result_path", str(tmp_path / "o.mp4"),
+                    flag, value])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_seed_out_of_range_before_model(tmp_path, t2v_config, capsys, no_model_work):
+    _fails(["--config", t2v_config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4", "--seed", "-1"],
+           capsys, "seed must be an integer in [0, 2**63)")
+
+
+def test_config_types_before_model(tmp_path, tiny_t2v_dir, write_config, capsys, no_model_work):
+    config = write_config(tmp_path / "c.json", model_path=str(tiny_t2v_dir), enable_cfg="false")
+    _fails(["--config", config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"], capsys,
+           "c.json", "enable_cfg = 'false' (str)", "true or false")
+
+
+def test_prompt_file_not_utf8(tmp_path, t2v_config, capsys, no_model_work):
+    (tmp_path / "latin1.txt").write_bytes("un cercle rouge caf\xe9\n".encode("latin-1"))
+    _fails(["--config", t2v_config, "--prompt_file", tmp_path / "latin1.txt", "--output_dir", tmp_path / "o"],
+           capsys, "latin1.txt is not UTF-8")
+
+
+def test_image_path_problems_named(tmp_path, i2v_config, t2v_config, capsys, no_model_work):
+    base = ["--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"]
+    (tmp_path / "notes.png").write_text("hello, not a picture")
+    err = _fails(["--config", i2v_config, "--image_path", tmp_path / "notes.png", *base], capsys,
+                 "cannot read", "notes.png", "not a picture format")
+    assert "plugin" not in err
+    (tmp_path / "folder.png").mkdir()
+    _fails(["--config", i2v_config, "--image_path", tmp_path / "folder.png", *base], capsys, "is a directory")
+    _fails(["--config", i2v_config, "--image_path", "a\x00b.png", *base], capsys, "NUL byte")
+    imageio.imwrite(tmp_path / "f.png", np.zeros((32, 32, 3), np.uint8))
+    _fails(["--config", t2v_config, "--image_path", tmp_path / "f.png", *base], capsys,
+           "--image_path is for image-to-video", "t2v")
+
+
+def test_truncated_image(tmp_path, i2v_config, capsys, no_model_work):
+    imageio.imwrite(tmp_path / "f.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = (tmp_path / "f.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    _fails(["--config", i2v_config, "--prompt", PROMPT, "--image_path", tmp_path / "cut.png", "--save_result_path",
+            tmp_path / "o.mp4"], capsys, "cannot read", "cut.png")
+
+
+def _copy_folder(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_distill_weights_and_lora_named(tmp_path, tiny_t2v_dir, write_config, capsys, no_model_work):
+    folder = _copy_folder(tiny_t2v_dir, tmp_path / "m")
+    data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    (folder / "distill_models").mkdir()
+    (folder / "distill_models" / "distill_model.safetensors").write_bytes(data[:-100])
+    config = write_config(tmp_path / "d.json", model_path=str(folder), model_cls="wan2.1_distill",
+                          denoising_step_list=[1000, 500], enable_cfg=False)
+    _fails(["--config", config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"], capsys,
+           "DiT weights", "distill_model.safetensors is truncated")
+    (folder / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    teacher = write_config(tmp_path / "t.json", model_path=str(folder))
+    _fails(["--config", teacher, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4", "--lora_path",
+            folder / "lora.safetensors"], capsys, "LoRA file", "lora.safetensors is not a readable safetensors")
+
+
+# ---- issue 13 item 5: LightX2V command lines --------------------------------------------------------------------
+def test_config_json_alias_and_model_cls(tmp_path, t2v_config):
+    out = tmp_path / "v.npy"
+    assert infer.main(["--config_json", str(t2v_config), "--model_cls", "wan2.1", "--prompt", PROMPT,
+                       "--save_result_path", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), _reference(t2v_config, seed=5)[0], atol=1)
+    args = infer.parse_args(["--config_json", "c.json", "--prompt", "p", "--save_result_path", "o.mp4"])
+    assert args.config == "c.json" and args.model_cls is None
+
+
+def test_unsupported_model_cls_refused(tmp_path, t2v_config, capsys, no_model_work):
+    _fails(["--config", t2v_config, "--model_cls", "wan2.1_causvid", "--prompt", PROMPT, "--save_result_path",
+            tmp_path / "o.mp4"], capsys, "model_cls 'wan2.1_causvid'", "CausVid", "supported: 'wan2.1'")
+
+
+def test_distill_schedule_on_base_weights_names_the_fix(tmp_path, tiny_t2v_dir, write_config, capsys,
+                                                        no_model_work):
+    folder = _copy_folder(tiny_t2v_dir, tmp_path / "m")
+    # a LightX2V distill JSON carries no model_cls: the base weights would load under the 4-step schedule
+    config = write_config(tmp_path / "d.json", model_path=str(folder), denoising_step_list=[1000, 750, 500, 250],
+                          enable_cfg=False)
+    base = ["--config", config, "--prompt", PROMPT, "--save_result_path", tmp_path / "o.mp4"]
+    _fails(base, capsys, "denoising_step_list [1000, 750, 500, 250]", "base (teacher) weights", "blurry",
+           "distill_models", "--lora_path")
+    (folder / "distill_models").mkdir()
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / "distill_models" / "distill_model.safetensors")
+    _fails(base, capsys, "pass --model_cls wan2.1_distill")
+
+
+def test_distill_schedule_with_model_cls_or_lora_loads(tmp_path, tiny_t2v_dir, write_config):
+    folder = _copy_folder(tiny_t2v_dir, tmp_path / "m")
+    (folder / "distill_models").mkdir()
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / "distill_models" / "distill_model.safetensors")
+    config = write_config(tmp_path / "d.json", model_path=str(folder), denoising_step_list=[1000, 500],
+                          enable_cfg=False)
+    assert infer.main(["--config", str(config), "--model_cls", "wan2.1_distill", "--prompt", PROMPT,
+                       "--save_result_path", str(tmp_path / "o.npy")]) == 0
+
+
+def test_generate_accepts_an_image_path(tmp_path, i2v_pipe):
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[4:20, 10:30] = (0, 200, 50)
+    imageio.imwrite(tmp_path / "frame0.png", image)
+    by_path = i2v_pipe.generate(PROMPT, seed=3, image=str(tmp_path / "frame0.png"))
+    by_array = i2v_pipe.generate(PROMPT, seed=3, image=image)
+    np.testing.assert_allclose(by_path.astype(int), by_array.astype(int), atol=1)  # same input, same path
+    with pytest.raises(ValueError, match="is a directory"):
+        i2v_pipe.generate(PROMPT, seed=3, image=tmp_path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from inference.config import (
     ATTENTION_KEYS,
     IGNORED_KEYS,
+    LIGHTX2V_QUANT_SCHEMES,
+    UNSUPPORTED_MODEL_CLASSES,
     WAN_NEGATIVE_PROMPT,
     InferConfig,
     LoraSpec,
@@ -81,10 +84,17 @@ def test_unknown_key_warns_naming_it():
     assert "unknown" in str(rec[0].message)
 
 
-def test_known_but_ignored_lightx2v_keys_are_quiet():
-    data = dict.fromkeys(IGNORED_KEYS, True) | {"_comment": "private keys start with _"}
-    cfg = _quiet(config_from_dict, data)
+def test_known_but_unhonoured_lightx2v_keys_warn_naming_them():
+    """Keys with no effect here are accepted (LightX2V files load) but never silently: one warning names them.
+    Keys that became fields since (offload keys) are fields, not warnings."""
+    names = {f.name for f in dataclasses.fields(InferConfig)}
+    ignored = [k for k in IGNORED_KEYS if k not in names]
+    data = {k: True for k in ignored} | {"_comment": "private keys start with _"}
+    with pytest.warns(UserWarning, match="not honoured") as rec:
+        cfg = config_from_dict(data)
     assert cfg == InferConfig()
+    assert len(rec) == 1 and all(repr(k) in str(rec[0].message) for k in ignored)
+    assert "_comment" not in str(rec[0].message)
 
 
 @pytest.mark.parametrize("key", ATTENTION_KEYS)
@@ -196,3 +206,90 @@ def test_load_config_file_errors(tmp_path):
     bad.write_text("{infer_steps: 4")
     with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         load_config(bad)
+
+
+# ---- the typed schema (issue 15 item 5): JSON types checked against the dataclass annotations ------------------
+@pytest.mark.parametrize("data, named", [
+    ({"target_video_length": "17"}, r"target_video_length = '17' \(str\).*must be an integer.*without quotes"),
+    ({"infer_steps": "4"}, r"infer_steps = '4' \(str\)"),
+    ({"seed": "abc"}, r"seed = 'abc' \(str\).*must be an integer"),
+    ({"sample_shift": "5"}, r"sample_shift = '5' \(str\).*must be a number"),
+    ({"enable_cfg": "false"}, r"enable_cfg = 'false' \(str\).*true or false.*without quotes"),
+    ({"enable_cfg": 0}, r"enable_cfg = 0 \(int\)"),
+    ({"infer_steps": True}, r"infer_steps = True \(bool\)"),
+    ({"infer_steps": 4.5}, r"infer_steps = 4.5 \(float\)"),
+    ({"sample_guide_scale": float("nan")}, r"sample_guide_scale = nan .*finite"),
+    ({"denoising_step_list": [1000, "750"]}, r"denoising_step_list\[1\] = '750' \(str\)"),
+    ({"lora_configs": [{"path": "a.safetensors", "strenght": 1.0}]}, r"lora_configs\[0\]\.strenght = 1\.0"),
+    ({"lora_configs": [{"path": "a.safetensors", "strength": "1"}]}, r"lora_configs\[0\]\.strength = '1'"),
+    ({"lora_configs": [{"strength": 1.0}]}, r"lora_configs\[0\]\.path is missing in \{.strength.: 1\.0\}"),
+    ({"lora_configs": {"path": "a.safetensors"}}, r"lora_configs = \{'path'.*must be a list of \{path: a string"),
+    ({"lora_configs": [{"path": "a", "strength": float("inf")}]}, r"lora_configs\[0\]\.strength = inf"),
+    ({"model_path": 3}, r"model_path = 3 \(int\).*must be a string or null"),
+])
+def test_wrong_json_types_name_key_value_and_expected_type(data, named):
+    with pytest.raises(ValueError, match=named):
+        config_from_dict({"enable_cfg": False, **data} if "enable_cfg" not in data else data)
+
+
+def test_types_also_checked_on_replace_and_construction():
+    with pytest.raises(ValueError, match=r"infer_steps = '8' \(str\)"):
+        InferConfig().replace(infer_steps="8")
+    with pytest.raises(ValueError, match=r"seed = None"):
+        InferConfig(seed=None)
+
+
+def test_numbers_normalised_not_refused():
+    cfg = _quiet(config_from_dict, {"sample_shift": 5, "sample_guide_scale": 6, "seed": 7.0, "enable_cfg": False})
+    assert type(cfg.sample_shift) is float and cfg.sample_shift == 5.0 and type(cfg.seed) is int and cfg.seed == 7
+    spec = _quiet(config_from_dict, {"lora_configs": [{"path": "a", "strength": 1}]}).lora_configs[0]
+    assert spec == LoraSpec("a", 1.0) and type(spec.strength) is float
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seed_out_of_range(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        config_from_dict({"seed": seed})
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"abc"', "null"])
+def test_config_file_that_is_not_an_object(tmp_path, body):
+    path = tmp_path / "c.json"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=r"c\.json: an inference config must be a JSON object"):
+        load_config(path)
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "latin.json"
+    path.write_bytes(b'{"sample_neg_prompt": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"latin\.json is not UTF-8"):
+        load_config(path)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps({"infer_steps": "4"}))
+    with pytest.raises(ValueError, match=r"typed\.json: config key infer_steps"):
+        load_config(path)
+
+
+# ---- LightX2V model classes and quant scheme names (issue 13 item 5) ------------------------------------------
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_MODEL_CLASSES))
+def test_other_lightx2v_wan_model_classes_refused_with_what_they_are(name):
+    with pytest.raises(ValueError, match=rf"model_cls '{name}' \(.+\) is a LightX2V model class .* supported"):
+        config_from_dict({"model_cls": name})
+
+
+@pytest.mark.parametrize("name, ours", sorted(LIGHTX2V_QUANT_SCHEMES.items()))
+def test_lightx2v_quant_scheme_names_map_to_ours(name, ours):
+    cfg = _quiet(config_from_dict, {"dit_quantized": True, "dit_quant_scheme": name})
+    assert cfg.dit_quant_scheme == ours
+
+
+def test_lightx2v_quant_scheme_table():
+    assert LIGHTX2V_QUANT_SCHEMES["int8-vllm"] == "int8" and LIGHTX2V_QUANT_SCHEMES["fp8-sgl"] == "fp8"
+    assert LIGHTX2V_QUANT_SCHEMES["fp8-q8f"] == "fp8" and LIGHTX2V_QUANT_SCHEMES["int8-q8f"] == "int8"
+    for name in ("nvfp4", "mxfp4", "fp8-per-block"):  # other layouts: refused, naming the accepted names
+        with pytest.raises(ValueError, match=r"dit_quant_scheme must be one of \['int8', 'fp8'\] or .*int8-vllm"):
+            config_from_dict({"dit_quantized": True, "dit_quant_scheme": name})
