@@ -145,8 +145,9 @@ class ODETrainer(Trainer):
         for shard in mine:
             path = root / f"shard_{shard:05d}.safetensors"
             if path.is_file():
+                self.check_shard(path, digest)
                 continue  # resumable: finished shards are kept
-            self.write_shard(teacher, data, shard, path)
+            self.write_shard(teacher, data, shard, path, digest)
             self.logger.event(0, f"trajectories: wrote {path} (rank {acc.process_index}: {len(mine)} shards)")
         acc.wait_for_everyone()
         if self.is_main:
@@ -162,7 +163,19 @@ class ODETrainer(Trainer):
             tmp.replace(root / TRAJECTORY_INDEX)
         acc.wait_for_everyone()
 
-    def write_shard(self, teacher, data: PromptBatches, shard: int, path: Path) -> None:
+    def check_shard(self, path: Path, digest: str) -> None:
+        """A finished shard must come from the same prompt list and student sigmas (its rows index the list)."""
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        if meta.get("prompts_digest") != digest:
+            raise ValueError(f"{path} was generated from another prompt list (digest {meta.get('prompts_digest')}, "
+                             f"now {digest}): its prompt rows would point at other prompts; regenerate (delete "
+                             f"{path.parent}) or restore data.prompt_path / distill.negative_prompt")
+        if not np.allclose(json.loads(meta["sigmas"]), self.sigmas.tolist()):
+            raise ValueError(f"{path} holds states at sigmas {meta['sigmas']}, but the student uses "
+                             f"{self.sigmas.tolist()}: regenerate (delete {path.parent}) or fix distill.*")
+
+    def write_shard(self, teacher, data: PromptBatches, shard: int, path: Path, digest: str) -> None:
         """Trajectories of one shard: prompts and noise keyed by the shard index (the same on any rank)."""
         cfg = self.cfg.ode
         rows, _ = data.draw(shard, 0, 1, cfg.shard_size)
@@ -176,7 +189,8 @@ class ODETrainer(Trainer):
         if cond.y is not None:
             tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}
         write_safetensors(tensors, path, metadata={"prompts": json.dumps(prompts), "rows": json.dumps(rows),
-                                                   "sigmas": json.dumps(self.sigmas.tolist())})
+                                                   "sigmas": json.dumps(self.sigmas.tolist()),
+                                                   "prompts_digest": digest})
 
     def train_step(self, step: int) -> Metrics:
         cfg, acc = self.cfg, self.accelerator
