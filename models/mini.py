@@ -103,10 +103,11 @@ def mini_tokenizer(vocab_size: int = MINI_VOCAB):
 def randomize(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """Weights of a useful scale everywhere (the reference inits zero the DiT head and the VAE attention
     output, which would make a random model's video constant): matrices ~ N(0, 1/fan_in), 1-d norm scales
-    ~ 1 + 0.1 N, other vectors (biases) ~ 0.1 N, embeddings ~ N(0, 1)."""
+    ~ 1 + 0.1 N, other vectors (biases) ~ 0.1 N, `nn.Embedding` tables ~ N(0, 1)."""
+    lookup = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=generator)
-        if "embedding" in name and p.ndim == 2 and "patch" not in name:
+        if name in lookup:  # token and relative-position tables: looked up, not multiplied
             p.copy_(noise)
         elif p.ndim >= 2:
             p.copy_(noise / max(1, p[0].numel()) ** 0.5)
