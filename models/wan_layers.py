@@ -107,6 +107,10 @@ class LayerNorm32(nn.LayerNorm):
 class WanSelfAttention(nn.Module):
     """q, k, v, o: Linear(D, D); RMSNorm on q and k over all of D; 3D RoPE on q, k; scale 1/sqrt(head_dim)."""
 
+    # Sequence parallelism (inference/parallel.py sets it per instance): x holds this rank's token shard and
+    # `seq_parallel.attention(q, k, v)` attends over the whole sequence. None: the plain single-process path.
+    seq_parallel = None
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -122,7 +126,8 @@ class WanSelfAttention(nn.Module):
         """x: [B, L, D] (compute dtype) -> [B, L, D]."""
         q = apply_rope(self.heads(self.norm_q(self.q(x))), rope)
         k = apply_rope(self.heads(self.norm_k(self.k(x))), rope)
-        return self.o(attention(q, k, self.heads(self.v(x))).flatten(2))
+        attend = attention if self.seq_parallel is None else self.seq_parallel.attention
+        return self.o(attend(q, k, self.heads(self.v(x))).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):

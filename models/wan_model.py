@@ -56,6 +56,10 @@ class WanModel(nn.Module):
     Set `gradient_checkpointing = True` to recompute each block in backward (torch.utils.checkpoint).
     """
 
+    # Sequence parallelism (inference/parallel.py `attach`): shards the tokens after the patch embedding and gathers
+    # the head's output. None: the single-process path.
+    seq_parallel = None
+
     def __init__(self, *, model_type: str, text_len: int, in_dim: int, dim: int, ffn_dim: int, freq_dim: int,
                  out_dim: int, num_heads: int, num_layers: int, patch_size: Sequence[int] = (1, 2, 2),
                  text_dim: int = 4096, qk_norm: bool = True, cross_attn_norm: bool = True, eps: float = 1e-6,
@@ -231,8 +235,13 @@ class WanModel(nn.Module):
         tokens, grid = self.patchify(x, y)  # [B, L, D] fp32
         e, e0 = self.embed_time(t, batch)  # [B, D], [B, 6, D]
         ctx, img_len = self.embed_context(context, clip_fea, batch)  # [B, img_len + text_len, D]
-        tokens = self.run_blocks(tokens, e0, ctx, img_len, self.rope(grid, tokens.device))
-        return self.unpatchify(self.head(tokens, e), grid).float()
+        rope = self.rope(grid, tokens.device)
+        if self.seq_parallel is not None:  # this rank's token shard and its RoPE rows (inference/parallel.py)
+            tokens, rope = self.seq_parallel.shard(tokens, rope)
+        out = self.head(self.run_blocks(tokens, e0, ctx, img_len, rope), e)  # [B, L (or shard), patch * C]
+        if self.seq_parallel is not None:
+            out = self.seq_parallel.gather(out)
+        return self.unpatchify(out, grid).float()
 
     @property
     def device(self) -> torch.device:
