@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.shapes import ShapesWorld
@@ -65,6 +66,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     decay_steps: int = 0  # linear decay to 0 over the last decay_steps of max_steps (warmup-stable-decay)
+    # update guard (distill/trainer.py): an optimizer step that changes some weight by more than this, or leaves a
+    # non-finite weight or gradient norm, is undone and counted; 0: no guard (saves a copy of the parameters and
+    # optimizer state during each step)
+    max_update: float = 1.0
 
 
 @dataclass
@@ -158,6 +163,9 @@ class LoggingConfig:
     sample_seed: int = 0
     sample_steps: int = 20
     sample_guide_scale: float = 5.0
+    # I2V samples: one conditioning image file per sample prompt; empty: the data source's images (the shapes
+    # world's first frame when data.source=shapes)
+    sample_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -185,6 +193,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("task", self.task, TASKS)
+        # -- training robustness: seeds, update guard, sample images --
+        for key in ("seed", "data.seed", "logging.sample_seed"):
+            if not 0 <= _get(self, key) < 2**32:
+                raise ValueError(f"{key} must be in [0, 2**32 - 1] (numpy's seed range), got {_get(self, key)}")
+        if self.optim.max_update < 0:
+            raise ValueError(f"optim.max_update must be >= 0 (0: no update guard), got {self.optim.max_update}")
+        images, prompts = self.logging.sample_images, self.logging.sample_prompts
+        if images and len(images) != len(prompts):
+            raise ValueError(f"logging.sample_images needs one image per logging.sample_prompts entry: got "
+                             f"{len(images)} images for {len(prompts)} prompts")
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
         _choice("data.source", self.data.source, ("shapes", "prompts"))
@@ -278,7 +296,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"training config not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
@@ -288,6 +306,20 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     cfg: TrainConfig = OmegaConf.to_object(merged)
     cfg.validate()
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """A training YAML file as an omegaconf mapping; garbled YAML or a top level that is not a mapping is a
+    ValueError naming the file."""
+    try:
+        shape = yaml.safe_load(path.read_text())  # the top level as written (omegaconf turns a bare word into a key)
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ValueError(f"training config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not (shape is None or isinstance(shape, dict)) or not isinstance(loaded, DictConfig):
+        raise ValueError(f"training config {path} must be a mapping of keys (task: ..., optim: ...), got a "
+                         f"{type(shape).__name__}")
+    return loaded
 
 
 def to_yaml(cfg: TrainConfig) -> str:

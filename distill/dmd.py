@@ -24,7 +24,6 @@ from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
-from inference.pipeline import WanPipeline
 from inference.sampling import backward_simulation
 from inference.schedulers import DistillScheduler
 from models.components import build_dit, copy_components, load_dit, load_encoders
@@ -203,24 +202,29 @@ class DMDTrainer(Trainer):
         return logs
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    def student(self, ema: bool = True):
+    def student(self, ema: bool = True, sampling: bool = False):
         """The generator as a plain DiT (EMA weights if `ema`); LoRA mode: adapters merged into the base.
+        `sampling`: on the training device in the training dtype (the export stays fp32).
 
         Sharded engines: a collective (every rank gathers); rank 0 gets the DiT, the other ranks None."""
         gen = self.unwrap(self.gen)
+        device, dtype = (self.device, self.train_dtype) if sampling else (None, torch.float32)
         if self.engine:
             state = self.engine.full_state_dict(self.gen)
             if ema:
                 state.update(self.engine.full_ema(self.ema, self.gen))
             if not self.is_main:
                 return None
+            # one tensor at a time to the device/dtype, so no full fp32 copy of the model is built on the host
+            state = {k: (v := state.pop(k)).to(device, dtype if v.is_floating_point() else None) for k in list(state)}
             return load_into(build_dit(gen.config, "meta"), state, "gathered generator").eval().requires_grad_(False)
         if self.cfg.lora.enabled:
-            return merged(gen, self.ema.state_dict() if ema else None).eval().requires_grad_(False)
-        model = copy.deepcopy(gen).eval().requires_grad_(False)
-        if ema:
-            self.ema.copy_to(model)
-        return model
+            model = merged(gen, self.ema.state_dict() if ema else None)
+        else:
+            model = copy.deepcopy(gen)
+            if ema:
+                self.ema.copy_to(model)
+        return model.to(device, dtype).eval().requires_grad_(False)
 
     def infer_config(self) -> InferConfig:
         cfg = self.cfg
@@ -234,10 +238,9 @@ class DMDTrainer(Trainer):
         prompts = self.cfg.logging.sample_prompts
         if not prompts:
             return
-        student = self.student(ema=step > self.cfg.dmd.ema_start)
+        student = self.student(ema=step > self.cfg.dmd.ema_start, sampling=True)
         if student is not None:  # rank 0 (sharded engines gather on every rank)
-            self.write_samples(step, WanPipeline(self.infer_config(), student, self.vae, self.text_encoder,
-                                                 self.image_encoder))
+            self.write_samples(step, self.sample_pipeline(self.infer_config(), student))
 
     def export(self) -> Path:
         """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors; LoRA mode

@@ -55,6 +55,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def truncate(self, step: int) -> None:
+        """Keep only the metrics.jsonl rows up to `step` (a resumed run rewrites the later ones; a row cut short
+        by a kill is dropped too). The file is replaced atomically."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self.metrics = open(path, "a")
+
     def video(self, step: int, key: str, path: Path) -> None:
         """Record a sample video written to `path` (logged to wandb by path)."""
         if not self.enabled:
@@ -82,6 +95,14 @@ class MetricsLogger:
         self.events.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line that is not a complete row (dropped on truncation)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _asdict(cfg) -> dict[str, Any]:

@@ -7,7 +7,9 @@ scalar metrics) and `export()` (the inference artefact). The loop, checkpointing
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -15,20 +17,71 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from safetensors import safe_open
 from torch import nn
 
-from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_dir
+from distill.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_candidate,
+    save_checkpoint,
+    staging_dir,
+    verify_checkpoint,
+)
 from distill.config import SHARDED_ENGINES, TrainConfig, to_yaml
 from distill.engines import ShardedEngine, launcher_only, make_engine, resolve_engine
 from distill.logger import MetricsLogger
+from inference.config import InferConfig
+from inference.pipeline import WanPipeline
+from models.loading import DIT_WEIGHTS, find_dit_weights
 
-MAX_NONFINITE = 5  # consecutive non-finite losses before the run stops (checkpoint left intact)
+MAX_NONFINITE = 5  # consecutive skipped updates (non-finite loss, or bad update) before the run stops
+TRAIN_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Metrics = dict[str, float | torch.Tensor]  # one step's metrics: 0-dim device tensors until a logging step
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """MAX_NONFINITE updates in a row were skipped (non-finite losses, or non-finite / exploding updates)."""
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Fail before any model work if the run directory or its checkpoint folder cannot be folders."""
+    for path in (run_dir, run_dir / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is a file; run_dir/checkpoints must be a folder: move the file "
+                             f"or choose another run_dir")
+
+
+def dit_weight_files(folder: Path, distill: bool) -> list[Path]:
+    """The safetensors files a DiT of `folder` is read from (models.components.load_dit's choice)."""
+    src = find_dit_weights(folder, distill, None)
+    if src.kind != "base":
+        return [Path(src.path)]
+    index = folder / f"{DIT_WEIGHTS}.index.json"
+    if index.is_file():
+        return [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / DIT_WEIGHTS
+    return [single] if single.is_file() else sorted(folder.glob(DIT_WEIGHTS.replace(".safetensors", "*.safetensors")))
+
+
+def check_weight_files(cfg: TrainConfig) -> None:
+    """Open the header of every DiT weights file the run will read (teacher, generator init): a truncated or
+    garbled file is an error naming it, before any model is built."""
+    folders = [("model.path", cfg.model.path, False), ("model.generator_init", cfg.model.generator_init, True)]
+    for key, folder, distill in folders:
+        if folder is None or not Path(folder).is_dir():
+            continue  # a missing folder is reported by the loader, which names it
+        for f in dit_weight_files(Path(folder), distill):
+            if f.suffix != ".safetensors" or not f.is_file():
+                continue
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as e:  # safetensors' own error types (incomplete metadata, header too large, ...)
+                raise ValueError(f"{f} ({key}) is not a complete safetensors file: {e}; re-copy or re-export "
+                                 f"it") from e
 
 
 class Trainer:
@@ -58,6 +111,8 @@ class Trainer:
                                       cfg.distributed.cpu_offload)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        check_run_dir(self.run_dir)
+        check_weight_files(cfg)
         self.step = 0
         self.pending: dict[str, tuple[torch.Tensor | float, int]] = {}  # metric sums and counts since the last row
         self.nonfinite: dict[str, int] = {}  # consecutive non-finite losses, per loss (generator, critic, ...)
@@ -65,8 +120,11 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}  # e.g. EMA, by name -> object with state_dict/load_state_dict
         self.trainable_only = False  # checkpoints keep only parameters that train (LoRA mode: the adapters)
+        self.step_flags: Metrics = {}  # metrics set outside train_step (skipped updates), merged into the step's
+        self.sample_images: list | None = None  # I2V sample conditioning images, resolved before step 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)  # a path that cannot be a folder fails here, before step 0
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.logger = MetricsLogger(self.run_dir, cfg, enabled=self.is_main)
         self.build()
@@ -85,20 +143,68 @@ class Trainer:
     def sample(self, step: int) -> None:
         """Write sample videos (rank 0). Default: nothing."""
 
-    def write_samples(self, step: int, pipe) -> None:
-        """Generate `logging.sample_prompts` with `pipe` from fixed seeds and log the mp4 files (I2V: the shapes
-        world's first frame of each prompt at the sample seed is the conditioning image)."""
+    def write_samples(self, step: int, pipe: WanPipeline) -> None:
+        """Generate `logging.sample_prompts` with `pipe`'s config and DiT from fixed seeds, on the training device
+        and dtype (`sample_pipeline`), and log the mp4 files (I2V: `sample_conditioning_images`)."""
         from inference.video import save_video
 
-        cfg = self.cfg
-        prompts = cfg.logging.sample_prompts
-        image = None
-        if pipe.cfg.task == "i2v":
-            world = cfg.data.world()
-            image = [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
+        prompts = self.cfg.logging.sample_prompts
+        pipe = self.sample_pipeline(pipe.cfg, pipe.dit)
+        image = self.sample_conditioning_images() if pipe.cfg.task == "i2v" else None
         for i, video in enumerate(pipe.generate(prompts, image=image)):
             path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
             self.logger.video(step, f"sample_{i}", path)
+
+    @property
+    def train_dtype(self) -> torch.dtype:
+        """The dtype the networks compute in (mixed_precision): samples are generated in it too."""
+        return TRAIN_DTYPES[self.cfg.mixed_precision]
+
+    def sample_pipeline(self, icfg: InferConfig, dit: nn.Module) -> WanPipeline:
+        """A pipeline running `dit` on the training device in the training dtype (moved in place: pass a copy),
+        with the VAE and the image encoder on that device too (copies when the data keeps them elsewhere)."""
+        dit = dit.to(self.device, self.train_dtype).eval()
+        vae, image_encoder = self._on_device("vae", self.vae), self._on_device("image_encoder", self.image_encoder)
+        return WanPipeline(icfg, dit, vae, self.text_encoder, image_encoder, self.device, self.train_dtype)
+
+    def _on_device(self, name: str, module: nn.Module | None) -> nn.Module | None:
+        """`module` if it already lives on the training device, else a copy there (made once, then reused)."""
+        if module is None:
+            return None
+        tensors = [*module.parameters(), *module.buffers()]
+        if not tensors or all(t.device == self.device for t in tensors):
+            return module
+        cache = self.__dict__.setdefault("_sampling_modules", {})
+        if name not in cache:
+            cache[name] = copy.deepcopy(module).to(self.device)
+        return cache[name]
+
+    def sample_conditioning_images(self) -> list:
+        """One uint8 [H, W, 3] image per sample prompt (I2V), resolved once: `logging.sample_images` when given;
+        else the data source's images (the pair whose prompt is the sample prompt, otherwise pair i in order);
+        the shapes world's first frame at the sample seed only when the data source is the shapes world."""
+        if self.sample_images is None:
+            self.sample_images = self._resolve_sample_images()
+        return self.sample_images
+
+    def _resolve_sample_images(self) -> list:
+        from inference.video import read_image
+
+        cfg = self.cfg
+        prompts, given = cfg.logging.sample_prompts, cfg.logging.sample_images
+        if given:
+            return [read_image(p) for p in given]
+        if cfg.data.source == "shapes":
+            world = cfg.data.world()
+            return [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
+        from distill.data import load_pairs
+
+        pairs = load_pairs(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
+        where = {p: i for i, p in reversed(list(enumerate(pairs.prompts)))}  # the first pair of each prompt
+        chosen = [where.get(p, i % len(pairs)) for i, p in enumerate(prompts)]
+        self.logger.event(self.step, f"I2V sample images: pairs {chosen} of {pairs.source} (the pair with the "
+                          f"sample prompt, else pair i; set logging.sample_images to choose)")
+        return [pairs.image(i) for i in chosen]
 
     # ---- machinery ------------------------------------------------------------------------------------------
     @property
@@ -125,15 +231,49 @@ class Trainer:
 
     def clip_and_step(self, name: str, max_norm: float | None = None) -> torch.Tensor | float:
         """Clip the gradient norm of network `name` to `max_norm` (default optim.grad_clip), step its optimizer,
-        zero grads; returns the norm before clipping (a device tensor: read it at logging steps only)."""
+        zero grads; returns the norm before clipping (a device tensor: read it at logging steps only).
+
+        Update guard (optim.max_update > 0, not under sharded engines): the parameters and optimizer state are
+        copied before the step; a step whose gradient norm or resulting weights are non-finite, or that moves
+        some weight by more than optim.max_update, is undone and counted (`update_guard`)."""
         net, opt = self.networks[name], self.optimizers[name]
         max_norm = self.cfg.optim.grad_clip if max_norm is None else max_norm
         if self.engine:  # DeepSpeed clips with the max_norm given to its config (the same value)
             return self.engine.clip_and_step(net, opt, max_norm)
         norm = self.accelerator.clip_grad_norm_(net.parameters(), max_norm)
+        limit = self.cfg.optim.max_update
+        params = [p for p in net.parameters() if p.requires_grad]
+        backup = _snapshot(params, opt) if limit > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if backup is not None:
+            self.update_guard(name, norm, params, opt, backup, limit)
         return norm.detach()
+
+    def update_guard(self, name: str, norm: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                     backup: tuple[list[torch.Tensor], dict], limit: float) -> None:
+        """Undo the step just taken if it was bad (see clip_and_step); raise after MAX_NONFINITE in a row.
+
+        One host sync per optimizer step. Every rank sees the same reduced gradients and weights, so all ranks
+        decide alike without communicating."""
+        old, _ = backup
+        change = torch.stack([(p.detach() - o).abs().max() for p, o in zip(params, old, strict=True)]).max()
+        # NaN when the gradient norm is non-finite (inf * 0) or a weight is (NaN propagates through max)
+        worst = float(change + norm.detach().float().to(change.device) * 0)
+        if math.isfinite(worst) and worst <= limit:
+            self.nonfinite[f"{name} update"] = 0
+            return
+        _restore(params, opt, backup)
+        self.step_flags[f"{name}_update_skipped"] = 1.0
+        count = self.nonfinite[f"{name} update"] = self.nonfinite.get(f"{name} update", 0) + 1
+        self.logger.event(self.step, f"{name} update skipped: gradient norm {float(norm):.4g}, largest weight "
+                          f"change {worst:.4g} (non-finite, or above optim.max_update={limit:g}); weights and "
+                          f"optimizer state restored ({count}/{MAX_NONFINITE} in a row)")
+        if count >= MAX_NONFINITE:
+            raise NonFiniteLossError(
+                f"{MAX_NONFINITE} {name} updates in a row had a non-finite gradient norm or non-finite / exploding "
+                f"weights (change > optim.max_update={limit:g}) at step {self.step}: stopping. The latest "
+                f"checkpoint in {self.ckpt_dir} holds the weights before them; lower optim.lr or check the data.")
 
     def no_sync(self, name: str, last: bool) -> contextlib.AbstractContextManager:
         """Gradient accumulation: skip the gradient reduction of network `name` unless `last` micro-batch."""
@@ -195,6 +335,24 @@ class Trainer:
             means = self.accelerator.reduce(means, "mean")
         self.logger.log(step, dict(zip(keys, means.tolist(), strict=True)))
 
+    def pending_state(self) -> dict[str, list]:
+        """The unfinished log row's sums for the checkpoint: key -> [sum, count, is_tensor], sums averaged over
+        the processes (a collective: every rank calls it). A row's value is mean over ranks of sum / count, and
+        every rank has the same counts, so resuming from the averaged sums writes the same row."""
+        keys = list(self.pending)
+        sums = [self.pending[k][0] for k in keys]
+        if self.accelerator.num_processes > 1 and keys:
+            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                                   for v in sums])
+            sums = self.accelerator.reduce(stacked, "mean").tolist()
+        return {k: [float(v), self.pending[k][1], torch.is_tensor(self.pending[k][0])]
+                for k, v in zip(keys, sums, strict=True)}
+
+    def load_pending(self, saved: dict[str, list]) -> None:
+        """Restore `pending_state` (tensor sums as fp32 device tensors, as log_metrics accumulates them)."""
+        self.pending = {k: (torch.tensor(v, dtype=torch.float32, device=self.device) if is_tensor else v, n)
+                        for k, (v, n, is_tensor) in saved.items()}
+
     def network_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
         net = self.unwrap(net)
         if self.trainable_only:
@@ -224,16 +382,18 @@ class Trainer:
 
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
+        pending = self.pending_state()
         if self.engine:
-            self.save_sharded()
+            self.save_sharded(pending)
             return
         if self.is_main:
             nets, optim, state = self.state_for_checkpoint()
+            state["metrics_pending"] = pending
             path = save_checkpoint(self.ckpt_dir, self.step, nets, optim, state, self.cfg.checkpoint.keep)
             self.logger.event(self.step, f"checkpoint written: {path}")
         self.accelerator.wait_for_everyone()
 
-    def save_sharded(self) -> None:
+    def save_sharded(self, pending: dict[str, list]) -> None:
         """Every rank writes its shards into the staging folder; rank 0 adds state/RNG and renames it."""
         if self.is_main:
             staging_dir(self.ckpt_dir, self.step, fresh=True)
@@ -241,17 +401,18 @@ class Trainer:
         self.engine.save(staging_dir(self.ckpt_dir, self.step), self.networks, self.optimizers, self.extra_state)
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            state = {"data_position": self.step, "engine": self.engine.name, "world_size": self.engine.world}
+            state = {"data_position": self.step, "engine": self.engine.name, "world_size": self.engine.world,
+                     "metrics_pending": pending}
             path = save_checkpoint(self.ckpt_dir, self.step, {}, {}, state, self.cfg.checkpoint.keep, staged=True)
             self.logger.event(self.step, f"checkpoint written: {path}")
         self.accelerator.wait_for_everyone()
 
     def resume(self) -> None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return
-        path = latest_checkpoint(self.ckpt_dir) if mode == "auto" else Path(mode)
+        """Continue from a checkpoint (checkpoint.resume: auto = the newest intact one, or a path; never) and cut
+        metrics.jsonl back to the resumed step, so the log equals that of an uninterrupted run."""
+        path = self.resume_path()
         if path is None:
+            self.logger.truncate(0)
             return
         saved = json.loads((path / "state.json").read_text()).get("engine", "ddp")  # older checkpoints: ddp
         current = self.engine.name if self.engine else "ddp"
@@ -262,9 +423,43 @@ class Trainer:
         if self.engine:
             _, _, state = load_checkpoint(path, [])  # state.json + RNG; the shards below
             self.engine.load(path, self.networks, self.optimizers, self.extra_state)
-            self.step = int(state["step"])
-            self.logger.event(self.step, f"resumed from {path}")
-            return
+        else:
+            state = self.load_networks(path)
+        self.step = int(state["step"])
+        self.load_pending(state.get("metrics_pending", {}))
+        self.logger.truncate(self.step)
+        self.logger.event(self.step, f"resumed from {path}")
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, chosen on rank 0 (which reads and checks the files) and shared."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        choice = [None]
+        if self.is_main:
+            choice = [str(p) if (p := self._pick_checkpoint(mode)) else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        return None if choice[0] is None else Path(choice[0])
+
+    def _pick_checkpoint(self, mode: str) -> Path | None:
+        if mode != "auto":
+            reason = verify_checkpoint(mode)
+            if reason is not None:
+                raise ValueError(f"checkpoint.resume={mode}: not an intact checkpoint: {reason}")
+            return Path(mode)
+        path, skipped = resume_candidate(self.ckpt_dir)
+        for bad, why in skipped:
+            then = f"falling back to {path.name}" if path else "no intact checkpoint is left"
+            self.logger.event(checkpoint_step(bad), f"checkpoint {bad} is not usable ({why}); {then}")
+        if path is None and skipped:
+            raise RuntimeError(f"no intact checkpoint in {self.ckpt_dir}: "
+                               + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                               + ". Set checkpoint.resume=never to start the run again from step 0.")
+        return path
+
+    def load_networks(self, path: Path) -> dict[str, Any]:
+        """Load networks, EMA and optimizers of a (non-sharded) checkpoint; returns its state.json."""
         names = list(self.networks) + list(self.extra_state)
         nets, optim, state = load_checkpoint(path, names)
         for k, net in self.networks.items():
@@ -273,18 +468,21 @@ class Trainer:
             obj.load_state_dict(nets[k])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(optim[k])
-        self.step = int(state["step"])
-        self.logger.event(self.step, f"resumed from {path}")
+        return state
 
     def train(self) -> Path | None:
         """Run until max_steps; checkpoint every N steps and at the end; export the final model."""
-        self.resume()
         cfg = self.cfg
-        self.logger.start(self.step, cfg.max_steps)
         try:
+            self.resume()
+            if cfg.logging.sample_prompts and getattr(self, "task", "t2v") == "i2v":
+                self.sample_conditioning_images()  # a bad sample image fails now, not at the first sample
+            self.logger.start(self.step, cfg.max_steps)
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
+                self.step_flags = {}
                 metrics = self.train_step(self.step)
+                metrics.update(self.step_flags)
                 self.step += 1
                 metrics["step_time"] = time.perf_counter() - t0  # launch time on CUDA (no sync here)
                 self.log_metrics(self.step, metrics)
@@ -292,9 +490,8 @@ class Trainer:
                     self.save()
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.exports_here:
                     self.sample(self.step)
-            if latest_checkpoint(self.ckpt_dir) is None or \
-                    int(json.loads((latest_checkpoint(self.ckpt_dir) / "state.json").read_text())["step"]) \
-                    != self.step:
+            last = latest_checkpoint(self.ckpt_dir)
+            if last is None or checkpoint_step(last) != self.step:
                 self.save()
             out = None
             if self.exports_here:
@@ -306,3 +503,22 @@ class Trainer:
             self.logger.close()
             self.accelerator.end_training()
 
+
+def _snapshot(params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
+    """Copies of the parameters and of their optimizer state tensors, taken before a step (update guard)."""
+    weights = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in opt.state[p].items()}
+             for p in params if p in opt.state}
+    return weights, state
+
+
+@torch.no_grad()
+def _restore(params: list[nn.Parameter], opt: torch.optim.Optimizer, backup: tuple[list[torch.Tensor], dict]) -> None:
+    """Put back what `_snapshot` copied; state created by the undone step (a first step) is dropped."""
+    weights, state = backup
+    for p, w in zip(params, weights, strict=True):
+        p.copy_(w)
+        if id(p) in state:
+            opt.state[p] = state[id(p)]
+        else:
+            opt.state.pop(p, None)

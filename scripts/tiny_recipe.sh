@@ -6,6 +6,8 @@
 #   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (README)
 #   bash scripts/tiny_recipe.sh guide_interval   # CFG in a timestep interval: teachers and DMD (README)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
+# The training configs write <run_dir>/model only; the shipped models under checkpoints/ are written here and
+# nowhere else, each by an explicit `distill.export --out checkpoints/...` after its training stage.
 # EXTRA="key=value ..." is appended to every training command (e.g. a smoke test: EXTRA="max_steps=2").
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -150,8 +150,8 @@ def test_pretrain_run_writes_metrics_config_checkpoint_and_loadable_model(tmp_pa
     assert rows[0]["lr"] == pytest.approx(cfg.optim.lr / 2)  # warm-up: (step + 1) / warmup_steps
     assert load_train_config(run / "config.yaml") == cfg  # config.yaml is the resolved config
     ckpt = run / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors", "optim.pt", "rng.pt",
-                                                       "state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "manifest.json", "model.safetensors",
+                                                       "optim.pt", "rng.pt", "state.json"]
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert (run / "samples" / "step0000002_0.mp4").is_file()
     assert "exported EMA teacher" in (run / "events.log").read_text()
@@ -214,14 +214,15 @@ def test_resume_never_and_explicit_path(tmp_path, one_thread):
     run = tmp_path / "run"
     train(pretrain_cfg(run, "max_steps=2", "checkpoint.every=1", "checkpoint.keep=5"))
     first = by_step(metrics(run))
-    # an explicit checkpoint path: continue from step 1
+    # an explicit checkpoint path: continue from step 1 (the log is cut back to step 1, step 2 written again)
     train(pretrain_cfg(run, "max_steps=2", f"checkpoint.resume={run / 'checkpoints' / 'step_00000001'}"))
     rows = metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 2]
-    assert_same_metrics(by_step(rows[2:])[2], first[2])
-    # never: start from scratch (step 1 again, same numbers as the first run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_same_metrics(by_step(rows)[2], first[2])
+    # never: start from scratch (the log starts again; step 1 has the same numbers as the first run)
     train(pretrain_cfg(run, "max_steps=1", "checkpoint.resume=never"))
-    assert_same_metrics(by_step(metrics(run)[3:])[1], first[1])
+    assert [r["step"] for r in metrics(run)] == [1]
+    assert_same_metrics(by_step(metrics(run))[1], first[1])
 
 
 # ---- 4. non-finite losses ------------------------------------------------------------------------------------
