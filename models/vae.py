@@ -20,6 +20,7 @@ the keys to and from diffusers' `AutoencoderKLWan` (the parity reference in test
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -279,6 +280,8 @@ class WanVAE(nn.Module):
     mean/std are rebuilt from the config on load.
     """
 
+    tiling: tuple[int, int] | None = None  # (tile, overlap) in latent pixels: `enable_tiling`
+
     def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, attn_scales: Sequence[float] = (),
                  temporal_downsample: Sequence[bool] = (False, True, True), dropout: float = 0.0,
@@ -359,6 +362,12 @@ class WanVAE(nn.Module):
             chunk_sizes = [1] + [self.temporal_stride] * ((t - 1) // self.temporal_stride)
         if sum(chunk_sizes) != t:
             raise ValueError(f"chunk_sizes {list(chunk_sizes)} sum to {sum(chunk_sizes)}, not T={t}")
+        if self._needs_tiles(video.shape[-2] // self.spatial_stride, video.shape[-1] // self.spatial_stride):
+            return self._tiled(lambda v: self._encode_mean(v, chunk_sizes), video, self.spatial_stride, 1)
+        return self._encode_mean(video, chunk_sizes)
+
+    def _encode_mean(self, video: Tensor, chunk_sizes: Sequence[int]) -> Tensor:
+        """The encoder over all of `video` (no tiling), chunk by chunk in time."""
         x = video.to(self.conv1.weight.dtype)
         cache, start, mus = FeatureCache(), 0, []
         for n in chunk_sizes:
@@ -379,9 +388,106 @@ class WanVAE(nn.Module):
         if latent.ndim != 5 or latent.shape[1] != self.z_dim:
             raise ValueError(f"WanVAE.decode expects a latent [B, {self.z_dim}, F, h, w], "
                              f"got {tuple(latent.shape)}")
+        if self._needs_tiles(latent.shape[-2], latent.shape[-1]):
+            return self._tiled(lambda z: self._decode(z, frames_per_chunk), latent, 1, self.spatial_stride)
+        return self._decode(latent, frames_per_chunk)
+
+    def _decode(self, latent: Tensor, frames_per_chunk: int) -> Tensor:
+        """The decoder over all of `latent` (no tiling), `frames_per_chunk` latent frames at a time."""
         mean, std = self._stats(latent)
         z = self.conv2((latent.float() * std + mean).to(self.conv1.weight.dtype))
         cache, out = FeatureCache(), []
         for start in range(0, z.shape[2], frames_per_chunk):
             out.append(self.decoder(z[:, :, start:start + frames_per_chunk], cache).float().clamp(-1.0, 1.0))
         return torch.cat(out, dim=2)
+
+    # ---- spatial tiling (use_tiling_vae; helpers below the class) -------------------------------------------
+    def receptive_fields(self) -> tuple[int, int]:
+        """(decoder field in latent pixels, encoder field in pixels): the widest window one output value can see
+        through the convolutions, 2 * ceil(radius) + 1. The middle attention is global within a frame: tiles
+        approximate it with their own pixels (the documented tolerance of tiled vs untiled)."""
+        dec = 2 * math.ceil(conv_radius([self.conv2, self.decoder])) + 1
+        enc = 2 * math.ceil(conv_radius([self.encoder, self.conv1])) + 1
+        return dec, enc
+
+    def enable_tiling(self, tile: int = 48, overlap: int = 16) -> None:
+        """Decode (and encode) in spatial tiles of `tile` latent pixels (x spatial_stride in pixels) that share
+        `overlap` latent pixels with their neighbours, blended linearly; each tile runs the usual causal chunks
+        in time. A tile smaller than the decoder's or the encoder's receptive field is a ValueError naming it."""
+        dec, enc = self.receptive_fields()
+        s = self.spatial_stride
+        if tile < dec or tile * s < enc:
+            raise ValueError(f"VAE tile of {tile} latent pixels ({tile * s} pixels) is smaller than the receptive "
+                             f"field of the decoder ({dec} latent pixels) or the encoder ({enc} pixels): a tile must "
+                             f"be at least {max(dec, -(-enc // s))} latent pixels")
+        if not 0 <= overlap < tile:
+            raise ValueError(f"VAE tile overlap must be in [0, tile={tile}) latent pixels, got {overlap}")
+        self.tiling = (int(tile), int(overlap))
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def _needs_tiles(self, h: int, w: int) -> bool:
+        return self.tiling is not None and max(h, w) > self.tiling[0]
+
+    def _tiled(self, fn, x: Tensor, in_mult: int, out_mult: int) -> Tensor:
+        """fn over overlapping spatial tiles of x, blended: tiles are laid on the latent grid (x has in_mult
+        pixels per latent pixel, fn's output out_mult); each output pixel is the weighted mean of the tiles
+        covering it, weights ramping linearly across every overlap (so they sum to one there)."""
+        tile, overlap = self.tiling
+        rows = tile_spans(x.shape[-2] // in_mult, tile, overlap)
+        cols = tile_spans(x.shape[-1] // in_mult, tile, overlap)
+        out = total = None
+        for i, (y0, y1) in enumerate(rows):
+            for j, (x0, x1) in enumerate(cols):
+                piece = fn(x[..., y0 * in_mult:y1 * in_mult, x0 * in_mult:x1 * in_mult])
+                if out is None:
+                    out = piece.new_zeros(*piece.shape[:-2], rows[-1][1] * out_mult, cols[-1][1] * out_mult)
+                    total = piece.new_zeros(out.shape[-2:])
+                w = torch.outer(blend_ramp(rows, i, out_mult), blend_ramp(cols, j, out_mult)).to(piece)
+                region = (..., slice(y0 * out_mult, y1 * out_mult), slice(x0 * out_mult, x1 * out_mult))
+                out[region] += piece * w
+                total[region[1:]] += w
+        return out / total
+
+
+def conv_radius(modules: Iterable[nn.Module]) -> float:
+    """Spatial receptive radius, in input pixels, of convolutions applied in the modules' registration order
+    (which is their forward order in this VAE): a k-wide conv adds (k - 1) / 2 input steps (a strided one its full
+    width k - 1, it is padded on one side), 2x upsampling halves the step, a stride-2 conv doubles it."""
+    radius, step = 0.0, 1.0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, nn.Conv2d | nn.Conv3d):
+                k, d, stride = m.kernel_size[-1], m.dilation[-1], m.stride[-1]
+                radius += (k - 1) * d * step * (1.0 if stride > 1 else 0.5)
+                step *= stride
+            elif isinstance(m, Upsample2x):
+                step /= 2
+    return radius
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) of tiles of `tile` covering range(size) with neighbours sharing >= `overlap` (the last tile
+    ends at `size`, so it may share more); one span when the size fits a tile."""
+    if size <= tile:
+        return [(0, size)]
+    starts = list(range(0, size - tile + 1, tile - overlap))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return [(s, s + tile) for s in starts]
+
+
+def blend_ramp(spans: Sequence[tuple[int, int]], i: int, mult: int) -> Tensor:
+    """Weights [len(span i) * mult] of tile i: 1 inside, rising linearly across the overlap with the previous
+    tile and falling across the overlap with the next (the two ramps of an overlap sum to one)."""
+    a, b = spans[i]
+    n = (b - a) * mult
+    w = torch.ones(n, dtype=torch.float64)
+    if i > 0:
+        k = (spans[i - 1][1] - a) * mult
+        w[:k] = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    if i + 1 < len(spans):
+        k = (b - spans[i + 1][0]) * mult
+        w[n - k:] = torch.minimum(w[n - k:], (k - torch.arange(k, dtype=torch.float64) - 0.5) / k)
+    return w.float()
