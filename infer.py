@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference.config import LORA_MODES, LoraSpec, load_config
+from inference.config import LORA_MODES, LoraSpec, add_model_args, load_config, positive_int
 from inference.video import FORMATS, check_path_text, check_writable_dir, check_writable_file, read_image, save_video
 
 INDEX_NAME = "prompts.jsonl"  # --output_dir: one JSON row per video (index, prompt, seed, path)
@@ -33,23 +33,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--config / --config_json (LightX2V's name), --model_path and --model_cls: shared by infer.py, the server and
-    the web UI."""
-    p.add_argument("--config", "--config_json", dest="config", required=True,
-                   help="LightX2V-style inference JSON (--config_json is LightX2V's name for it)")
-    p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
-    p.add_argument("--model_cls", help="override the config's model_cls: wan2.1 (base/teacher) or wan2.1_distill "
-                                       "(few-step student: loads distill_models/); other LightX2V names are refused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ are a warning that names them; invalid values are a `ValueError` that names the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -246,7 +247,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter(hint: Any) -> TypeAdapter:
     return TypeAdapter(hint, config=_STRICT)
 
@@ -364,3 +365,22 @@ def load_config(path: str | Path, **overrides: Any) -> InferConfig:
         return config_from_dict(data, **overrides)
     except ValueError as e:  # name the file: the message names the key
         raise ValueError(f"{path}: {e}") from e
+
+
+# ---- command lines: the model arguments shared by infer.py, the server and the web UI ------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--config / --config_json (LightX2V's name), --model_path and --model_cls: shared by infer.py, the server and
+    the web UI."""
+    p.add_argument("--config", "--config_json", dest="config", required=True,
+                   help="LightX2V-style inference JSON (--config_json is LightX2V's name for it)")
+    p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
+    p.add_argument("--model_cls", help="override the config's model_cls: wan2.1 (base/teacher) or wan2.1_distill "
+                                       "(few-step student: loads distill_models/); other LightX2V names are refused")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -21,8 +21,8 @@ from torch import Tensor
 from inference.config import InferConfig, check_video_size
 from inference.offload import ComponentOffload, offloader
 from inference.sampling import sample
-from inference.video import read_image
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
+from inference.video import read_image
 
 
 def make_scheduler(cfg: InferConfig):

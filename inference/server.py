@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
+import ipaddress
+import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -40,15 +44,104 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from inference.tasks import CANCELLED, COMPLETED, MEDIA_TYPES, QueueFull, TaskManager, VideoRequest
+from inference.config import add_model_args, positive_int
+from inference.tasks import CANCELLED, COMPLETED, MEDIA_TYPES, QueueFull, ServerLimits, TaskManager, VideoRequest
+
+API_KEY_ENV = "STEPDISTILL_API_KEY"
+log = logging.getLogger("inference.server")
+
+
+# ---- protection: body size, API key, bind address -------------------------------------------------
+class BodySizeLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is answered 413 before the app parses it.
+
+    A declared Content-Length is checked up front; a body without one (chunked) is read up to the limit and then
+    handed on, so a 100 MB prompt never reaches the JSON parser."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._refuse(send, length.decode("latin-1"))
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)  # the client left: let the app see the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(send, f"more than {size}")
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: str) -> None:
+        body = json.dumps({"detail": f"the request body ({size} bytes) exceeds this server's limit of "
+                                     f"{self.max_bytes} bytes (--max_body_bytes)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def require_api_key(api_key: str | None):
+    """A FastAPI dependency: with a key set, every route needs `Authorization: Bearer <key>` or `X-API-Key: <key>`
+    (compared in constant time); 401 otherwise. No key: open (loopback use)."""
+
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or "
+                                     "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and 'localhost' reach only this machine; anything else (0.0.0.0, a LAN address) does not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """The loud warning printed when the server is reachable from other machines without an API key."""
+    if api_key is not None or is_loopback(host):
+        return None
+    bar = "!" * 78
+    return (f"{bar}\nWARNING: --host {host} serves every client that can reach this machine, and no API key is "
+            f"set:\nanyone can submit jobs (GPU time) and download results. Set --api_key or {API_KEY_ENV}, or "
+            f"bind to 127.0.0.1\nbehind an authenticating proxy.\n{bar}")
 
 
 # ---- the app -------------------------------------------------------------------------------------
-def create_app(manager: TaskManager) -> FastAPI:
-    """The FastAPI app over `manager`; its lifespan starts the worker and stops it with the server."""
+def create_app(manager: TaskManager, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over `manager`; its lifespan starts the worker and stops it with the server.
+
+    Bodies larger than `manager.limits.max_body_bytes` get 413; with `api_key`, every route needs the key (401)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,7 +151,8 @@ def create_app(manager: TaskManager) -> FastAPI:
 
         await asyncio.to_thread(manager.stop)
 
-    app = FastAPI(title="stepdistill video server", lifespan=lifespan)
+    app = FastAPI(title="stepdistill video server", lifespan=lifespan, dependencies=[Depends(require_api_key(api_key))])
+    app.add_middleware(BodySizeLimit, max_bytes=manager.limits.max_body_bytes)
     app.state.manager = manager
 
     @app.post("/v1/tasks/video/")
@@ -110,15 +204,22 @@ def create_app(manager: TaskManager) -> FastAPI:
 
 def build_manager(config: str | Path, model_path: str | Path | None = None, task: str | None = None,
                   output_dir: str | Path = "outputs/server", input_dir: str | Path | None = None,
-                  lora_dir: str | Path | None = None, max_queue_size: int = 10, **overrides: Any) -> TaskManager:
-    """Load the pipeline of `config` (overrides: InferConfig fields, e.g. target_video_length) into a manager."""
+                  lora_dir: str | Path | None = None, max_queue_size: int = 10,
+                  limits: dict[str, int | None] | None = None, **overrides: Any) -> TaskManager:
+    """Load the pipeline of `config` (overrides: InferConfig fields, e.g. target_video_length) into a manager.
+
+    `limits`: ServerLimits fields (None keeps the default derived from the model)."""
     from inference.config import load_config
-    from inference.loader import load_pipeline, resolve_model_path
+    from inference.loader import resolve_model_path
+    from inference.parallel import group_task_manager_class, load_pipeline_launched
 
     cfg = load_config(config, task=task, **overrides)
     folder = resolve_model_path(cfg, model_path)
-    pipe = load_pipeline(cfg, folder)
-    return TaskManager(pipe, str(folder.resolve()), output_dir, input_dir, lora_dir, max_queue_size)
+    pipe = load_pipeline_launched(cfg, folder)  # under torchrun: on the group of the config's parallel block
+    # on a group, rank 0's manager announces each task to the other ranks (inference/parallel.py)
+    manager_cls = TaskManager if pipe.parallel is None else group_task_manager_class()
+    return manager_cls(pipe, str(folder.resolve()), output_dir, input_dir, lora_dir, max_queue_size,
+                       limits=ServerLimits.for_model(pipe.cfg, pipe.dit.text_len, **(limits or {})))
 
 
 # ---- running it ----------------------------------------------------------------------------------
@@ -174,10 +275,11 @@ class BackgroundServer:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="LightX2V-style inference JSON")
-    p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
+    add_model_args(p)
     p.add_argument("--task", choices=["t2v", "i2v"], help="override the config's task")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (no authentication: keep it local)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback, set --api_key")
+    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require this key on every route (Authorization: Bearer / X-API-Key); default: ${API_KEY_ENV}")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--output_dir", default="outputs/server", help="results go here; save_result_path is relative "
                                                                   "to it and cannot leave it")
@@ -185,7 +287,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_queue_size", type=int, default=10, help="pending tasks beyond this get HTTP 429")
     p.add_argument("--lora_dir", help="folder of LoRA files that requests may name (lora_name)")
     p.add_argument("--log_level", default="info")
+    lim = p.add_argument_group("request limits (422 naming the limit; default: derived from the model, see "
+                               "ServerLimits)")
+    for name, what in LIMIT_FLAGS.items():
+        lim.add_argument(f"--{name}", type=positive_int, help=what)
     return p.parse_args(argv)
+
+
+LIMIT_FLAGS = {
+    "max_frames": "largest target_video_length (default: 81 or the config's, if larger)",
+    "max_pixels": "largest target_height x target_width (default: 1280x720 or the config's area, if larger)",
+    "max_steps": "largest infer_steps (default: 100 or the config's, if larger)",
+    "max_prompt_chars": "longest prompt / negative_prompt in characters (default: 8 x the DiT's text_len)",
+    "max_image_bytes": "largest image_path image, file or base64 (default: 16 MiB)",
+    "max_body_bytes": "largest request body, 413 beyond (default: 24 MiB)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,17 +309,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = bind_warning(args.host, args.api_key)
+    if warning:  # before the (long) model load, and again once serving
+        print(warning, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         manager = build_manager(args.config, args.model_path, args.task, args.output_dir, args.input_dir,
-                                args.lora_dir, args.max_queue_size)
+                                args.lora_dir, args.max_queue_size, model_cls=args.model_cls,
+                                limits={name: getattr(args, name) for name in LIMIT_FLAGS})
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from inference.parallel import follow, is_main
+
+    if not is_main(manager.pipe):  # torchrun rank > 0: repeat rank 0's tasks until the server stops
+        follow(manager)
+        return 0
     s = manager.service_status()
     print(f"loaded {s['model']} ({s['task']}, {s['model_cls']}, {s['steps']} steps) on {s['device']} in "
           f"{time.perf_counter() - t0:.1f}s; outputs -> {manager.output_dir}")
-    uvicorn.run(create_app(manager), host=args.host, port=args.port, log_level=args.log_level)
+    print(f"limits: {manager.limits}")
+    if warning:
+        log.warning("serving on %s without an API key", args.host)
+        print(warning, file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(manager, api_key=args.api_key), host=args.host, port=args.port,
+                    log_level=args.log_level)
+    finally:  # also when uvicorn never started: the follower ranks of a group must be told to stop
+        manager.stop()
     return 0
 
 

@@ -61,7 +61,8 @@ def t2v(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("teacher"), "configs/tiny/t2v_teacher.json", max_queue_size=2)
+    yield from serve(tmp_path_factory.mktemp("teacher"), "configs/tiny/t2v_teacher.json", max_queue_size=2,
+                     limits={"max_steps": 1000})  # long runs on purpose
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +276,8 @@ def test_cancel_pending_and_running_tasks_and_queue_full(teacher):
 
 
 def test_shutdown_cancels_the_running_task_and_joins_the_worker(tmp_path):
-    manager = build_manager("configs/tiny/t2v_teacher.json", output_dir=tmp_path, target_video_length=FRAMES)
+    manager = build_manager("configs/tiny/t2v_teacher.json", output_dir=tmp_path, target_video_length=FRAMES,
+                            limits={"max_steps": 1000})
     server = BackgroundServer(create_app(manager)).start()
     with httpx.Client(base_url=server.url) as client:
         running = client.post("/v1/tasks/video/", json={"prompt": PROMPT, "infer_steps": 1000}).json()["task_id"]
