@@ -62,6 +62,14 @@ class QuantError(ValueError):
     """A quantized checkpoint that does not follow the layout (or does not match the requested scheme)."""
 
 
+def canonical_scheme(scheme: str) -> str:
+    """Our scheme name for a LightX2V one (`int8-vllm`, `fp8-sgl`, `fp8-q8f`, ...: same per-channel layout);
+    other names pass through unchanged (and `scheme_info` names the known ones)."""
+    from inference.config import LIGHTX2V_QUANT_SCHEMES
+
+    return LIGHTX2V_QUANT_SCHEMES.get(scheme, scheme)
+
+
 def scheme_info(scheme: str) -> tuple[torch.dtype, float]:
     """(storage dtype, qmax) of a scheme; an unknown scheme is a ValueError naming the known ones."""
     if scheme not in SCHEMES:
@@ -280,7 +288,7 @@ def find_quantized_weights(folder: str | Path, scheme: str, distill: bool = Fals
                            explicit: str | Path | None = None) -> Path:
     """The quantized DiT of a folder: `explicit` (dit_quantized_ckpt: a file or folder) > `<folder>/distill_<scheme>/`
     (distill) > `<folder>/<scheme>/`. Raises FileNotFoundError naming the expected paths."""
-    folder = Path(folder)
+    folder, scheme = Path(folder), canonical_scheme(scheme)
     if explicit is not None:
         found = _weights_in(Path(explicit))
         if found is None:
@@ -340,7 +348,7 @@ def load_quantized_dit(folder: str | Path, distill: bool = False, explicit: str 
                        dtype: torch.dtype | None = None, *, scheme: str) -> nn.Module:
     """A WanModel from `<folder>/config.json` and the folder's quantized weights (see `find_quantized_weights`):
     the quantized linears become `QuantLinear`, every other tensor is cast to `dtype` (when given)."""
-    folder = Path(folder)
+    folder, scheme = Path(folder), canonical_scheme(scheme)
     path = find_quantized_weights(folder, scheme, distill, explicit)
     state = read_sharded(path.parent, path.name.removesuffix(".index.json")) if path.name.endswith(".index.json") \
         else read_sharded(path.parent, path.name)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.config import InferConfig, check_video_size, load_config
+from inference.config import InferConfig, add_model_args, check_video_size, load_config
 from inference.video import save_video
 
 if TYPE_CHECKING:  # gradio takes ~2.5 s to import: only build_ui / main pay for it
@@ -301,8 +301,7 @@ def build_ui(pipe: WanPipeline, cfg: InferConfig, lora_dir: str | Path | None = 
 # ---- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="LightX2V-style inference JSON")
-    p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
+    add_model_args(p)  # --config / --config_json, --model_path, --model_cls (as infer.py and the server)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--lora_dir", help="folder whose LoRA files the UI offers (relative LoRA paths resolve here)")
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one line each
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, model_cls=args.model_cls)
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise FileNotFoundError(f"--lora_dir is not a folder: {args.lora_dir}")
         from inference.loader import load_pipeline

@@ -10,6 +10,7 @@ import shutil
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 
 import infer
 import inference.loader
@@ -351,3 +352,26 @@ def test_generate_accepts_an_image_path(tmp_path, i2v_pipe):
     np.testing.assert_allclose(by_path.astype(int), by_array.astype(int), atol=1)  # same input, same path
     with pytest.raises(ValueError, match="is a directory"):
         i2v_pipe.generate(PROMPT, seed=3, image=tmp_path)
+
+
+@pytest.mark.parametrize("lightx2v_name", ["int8-vllm", "int8-q8f"])
+def test_lightx2v_quant_scheme_name_loads_our_int8_folder(tmp_path, tiny_t2v_dir, write_config, lightx2v_name):
+    from inference.quant import convert
+
+    convert(tiny_t2v_dir, tmp_path / "q", "int8")
+    ours = load_pipeline(write_config(tmp_path / "a.json", model_path=str(tmp_path / "q"), dit_quantized=True,
+                                      dit_quant_scheme="int8"))
+    theirs = load_pipeline(write_config(tmp_path / "b.json", model_path=str(tmp_path / "q"), dit_quantized=True,
+                                        dit_quant_scheme=lightx2v_name))
+    assert theirs.cfg.dit_quant_scheme == "int8"
+    a, b = ours.dit.state_dict(), theirs.dit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same weights, exactly
+
+
+def test_webui_cli_takes_lightx2v_flags(tmp_path, t2v_config, capsys):
+    from inference import webui
+
+    args = webui.parse_args(["--config_json", str(t2v_config), "--model_cls", "wan2.1"])
+    assert args.config == str(t2v_config) and args.model_cls == "wan2.1"
+    assert webui.main(["--config_json", str(t2v_config), "--model_cls", "wan2.1_vace"]) == 2
+    assert "model_cls 'wan2.1_vace'" in capsys.readouterr().err
