@@ -60,6 +60,7 @@ class Plan:
     memory: dict[str, float]  # GiB per GPU, by item
     cpu_memory: dict[str, float] = field(default_factory=dict)  # GiB per process, offloaded states
     flops_per_iter: float = 0.0  # per process
+    host_memory: dict[str, float] = field(default_factory=dict)  # GiB per node, by item (host_memory())
 
     @property
     def peak(self) -> float:
@@ -71,6 +72,7 @@ class Plan:
         rows += [f"  {k:<46s}{v:10.2f} GiB" for k, v in self.memory.items()]
         rows += [f"  CPU: {k:<41s}{v:10.2f} GiB" for k, v in self.cpu_memory.items()]
         rows.append(f"  FLOPs per iteration and process (x grad_accum): {self.flops_per_iter / 1e12:.2f} TFLOP")
+        rows += [f"  host: {k:<40s}{v:10.2f} GiB" for k, v in self.host_memory.items()]
         return "\n".join(rows)
 
 
@@ -231,6 +233,7 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     """Per-GPU memory of `cfg` trained with `engine` on `gpus` processes (see the module docstring)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    offload = offload or cfg.distributed.cpu_offload
     config = dit_config(cfg)
     n, n_linear, n_block, n_adapter = count_params(config, cfg)
     grid = latent_grid(cfg)
@@ -271,7 +274,85 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     mem["peak in optimizer step"] = sum(v for k, v in mem.items() if k not in backward_only + ("peak in backward",))
     mem["peak"] = max(mem["peak in backward"], mem["peak in optimizer step"])
     cpu = {k: v / GB for k, v in states.items()} if offload else {}
-    return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens))
+    if cfg.task != "pretrain" and image_encoder_params(cfg):  # I2V: CLIP and VAE run on the GPU per batch
+        for key in ("peak in backward", "peak in optimizer step", "peak"):
+            mem[key] += 4 * image_encoder_params(cfg) / GB
+        mem = {"I2V encoders (CLIP + VAE, fp32)": 4 * image_encoder_params(cfg) / GB, **mem}
+    host = host_memory(cfg, n, engine, gpus, sum(cpu.values()), gpus_per_node)
+    return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens), host)
+
+
+# ---- host RAM ---------------------------------------------------------------------------------------------------
+PLAN_PROMPTS = 40_000  # prompts assumed when the config's list cannot be read (Self-Forcing's list is ~40k)
+PLAN_TOKENS = 128  # mean umT5 tokens per prompt assumed for the in-memory text cache (of text_len 512)
+STORE_INDEX_BYTES = 12  # per prompt in RAM with the prompt store: int64 offset + int32 length
+
+
+@functools.lru_cache(maxsize=16)
+def _encoder_params(spec: str) -> tuple[int, int, int]:
+    """(umT5, CLIP, VAE) parameters of a registry spec, counted on the meta device (CLIP 0 for T2V)."""
+    from models.clip import CLIPImageEncoder
+    from models.codec import PCACodec
+    from models.t5 import UMT5Encoder
+
+    s = get_spec(spec)
+    args = lambda d: {k: v for k, v in d.items() if k != "type"}  # noqa: E731
+    with torch.device("meta"):
+        text = UMT5Encoder(**args(s.text_encoder))
+        clip = CLIPImageEncoder(**args(s.image_encoder)) if s.image_encoder else None
+        if s.vae["type"] == "wan_vae":
+            from models.vae import WanVAE
+
+            vae = WanVAE(**args(s.vae))
+        else:
+            vae = PCACodec(**args(s.vae))
+    count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(text), count(clip), count(vae)
+
+
+def image_encoder_params(cfg: TrainConfig) -> int:
+    """CLIP + VAE parameters for an I2V spec, 0 for T2V."""
+    _, clip, vae = _encoder_params(cfg.model.spec)
+    return clip + vae if clip else 0
+
+
+def prompt_count(cfg: TrainConfig) -> tuple[int, bool]:
+    """(number of training prompts, whether counted) — PLAN_PROMPTS when the list cannot be read here."""
+    if cfg.data.source == "shapes":
+        from data.shapes import PROMPTS
+
+        return len(PROMPTS), True
+    try:
+        from distill.data import source_prompts
+
+        return len(source_prompts(cfg)), True
+    except (FileNotFoundError, ValueError):
+        return PLAN_PROMPTS, False
+
+
+def host_memory(cfg: TrainConfig, params: int, engine: str, gpus: int, offloaded_gib: float,
+                gpus_per_node: int = 8) -> dict[str, float]:
+    """Host RAM of one node (GiB): per process the offloaded states, the umT5 copy the trainer loads (fp32, on the
+    CPU) and the text embeddings (the prompt store's index, or the in-memory cache of PLAN_TOKENS tokens per
+    prompt; "N?" prompts: PLAN_PROMPTS assumed, the list not readable here); once per node the weights read at
+    start-up (DDP: every process builds its networks in fp32 on the CPU before moving them; sharded engines: the
+    loading rank reads one network's fp32 state dict at a time)."""
+    procs = min(gpus, gpus_per_node)
+    text_params, _, _ = _encoder_params(cfg.model.spec)
+    prompts, counted = prompt_count(cfg)
+    dim = get_spec(cfg.model.spec).text_encoder["dim"]
+    text = STORE_INDEX_BYTES * prompts if cfg.data.text_store else 4 * prompts * PLAN_TOKENS * dim
+    copies = {"dmd": 1 if cfg.lora.enabled else 3, "ode": 1, "pretrain": 1}[cfg.task]
+    load = copies * 4 * params * procs if engine == "ddp" else 4 * params
+    how = "store index" if cfg.data.text_store else "in-RAM cache"
+    items = {
+        f"offloaded states (x{procs} processes)": procs * offloaded_gib,
+        f"umT5 text encoder, fp32 (x{procs})": procs * 4 * text_params / GB,
+        f"text: {how}, {prompts}{'' if counted else '?'} prompts (x{procs})": procs * text / GB,
+        "weights read at start-up (transient)": load / GB,
+    }
+    items["peak per node"] = sum(items.values())
+    return items
 
 
 def flops(cfg: TrainConfig, config: dict, n_linear: int, tokens: int) -> float:

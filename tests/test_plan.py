@@ -93,3 +93,79 @@ def test_tensor_level_cpu_measurement_sees_a_transient_peak():
 
     peak = _profiled_peak_bytes(run)
     assert 8 << 20 <= peak < 12 << 20
+
+
+# ---- launch lines and host RAM (configs/wan_distill/*.yaml headers) -------------------------------------------
+WAN_YAMLS = sorted((REPO / "configs/wan_distill").glob("*.yaml"))
+
+
+def header_plan(path: Path) -> dict:
+    """What a real config's header claims: the dry-run flags, the planned peak per GPU, host RAM per node, and the
+    training launch line (the accelerate command, continuation lines joined)."""
+    import re
+
+    head = " ".join(line.lstrip("# ").rstrip("\\") for line in path.read_text().splitlines() if line.startswith("#"))
+    head = re.sub(r"\s+", " ", head)
+    dry = re.search(r"\(python train\.py --config \S+ --dry-run ([^)]*)\)", head).group(1)
+    engine = re.search(r"--plan-engine (\w+)", dry)
+    launch = re.search(r"(accelerate launch .*?data\.prompt_path=\S+)", head).group(1)
+    return {"gpus": int(re.search(r"--plan-gpus (\d+)", dry).group(1)), "engine": engine.group(1) if engine else "ddp",
+            "offload": "--plan-offload" in dry, "launch": launch,
+            "peak": float(re.search(r"peak (\d+\.\d) GiB per GPU", head).group(1)),
+            "host": float(re.search(r"host RAM (\d+) GiB per node", head).group(1))}
+
+
+@pytest.mark.parametrize("path", WAN_YAMLS, ids=lambda p: p.stem)
+def test_config_headers_match_the_planner_and_launch_what_fits(path):
+    h = header_plan(path)
+    cfg = load_train_config(path)
+    p = estimate(cfg, h["engine"], h["gpus"], offload=h["offload"])
+    assert h["gpus"] == 8 and p.peak <= 80 - plan.GPU_RESERVE_GB  # fits one node of 8 x 80 GB
+    assert h["peak"] == pytest.approx(p.peak, abs=0.051) and h["host"] == pytest.approx(p.host_memory["peak per node"],
+                                                                                         abs=0.51)
+    assert implemented(h["engine"], cfg.lora.enabled, h["offload"])
+    launch = h["launch"]
+    if h["engine"] == "ddp":
+        assert "--multi_gpu --num_processes 8" in launch and "--config_file" not in launch
+    else:  # the accelerate config named in the launch line selects the planned engine
+        import yaml
+
+        from distill.engines import engine_from_launch
+
+        acc = yaml.safe_load((REPO / launch.split("--config_file ")[1].split()[0]).read_text())
+        env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(acc["fsdp_config"]["fsdp_version"]),
+               "FSDP_SHARDING_STRATEGY": acc["fsdp_config"]["fsdp_sharding_strategy"]} \
+            if acc["distributed_type"] == "FSDP" else None
+        assert env is None or engine_from_launch(env) == h["engine"]
+        assert acc["num_processes"] == 8
+    assert ("distributed.cpu_offload=true" in launch) == h["offload"]
+    # the store is set, so per-prompt text costs an index only
+    assert cfg.data.text_store and p.host_memory[next(k for k in p.host_memory if k.startswith("text:"))] < 0.01
+
+
+def test_host_ram_items():
+    cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml")
+    no_store = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["data.text_store=null"])
+    gib = 1024**3
+    ddp, fsdp = estimate(cfg, "ddp", 8), estimate(cfg, "fsdp", 8, offload=True)
+    text_key = lambda p: next(k for k in p.host_memory if k.startswith("text:"))  # noqa: E731
+    # the in-memory cache: 40,000 assumed prompts x 128 tokens x 4096 x fp32, per process
+    cache = estimate(no_store, "ddp", 8).host_memory
+    assert cache[next(k for k in cache if k.startswith("text:"))] == pytest.approx(
+        8 * plan.PLAN_PROMPTS * plan.PLAN_TOKENS * 4096 * 4 / gib)
+    assert ddp.host_memory[text_key(ddp)] == pytest.approx(8 * 12 * plan.PLAN_PROMPTS / gib)
+    umt5 = ddp.host_memory["umT5 text encoder, fp32 (x8)"]
+    assert 8 * 4 * 5.6e9 / gib < umt5 < 8 * 4 * 5.8e9 / gib  # umT5-XXL encoder: 5.68 B parameters
+    # DDP: every process builds teacher, generator and critic in fp32 on the CPU; FSDP: one loader, one network
+    assert ddp.host_memory["weights read at start-up (transient)"] == pytest.approx(8 * 3 * 4 * ddp.params / gib)
+    assert fsdp.host_memory["weights read at start-up (transient)"] == pytest.approx(4 * fsdp.params / gib)
+    assert fsdp.host_memory["offloaded states (x8 processes)"] == pytest.approx(8 * sum(fsdp.cpu_memory.values()))
+    items = {k: v for k, v in fsdp.host_memory.items() if k != "peak per node"}
+    assert fsdp.host_memory["peak per node"] == pytest.approx(sum(items.values()))
+    # the config's own distributed.cpu_offload plans the offload too
+    offload_cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["distributed.cpu_offload=true"])
+    assert estimate(offload_cfg, "fsdp", 8).peak == pytest.approx(fsdp.peak)
+    # I2V: CLIP and VAE run on the GPU per batch, planned there
+    i2v = estimate(load_train_config(REPO / "configs/wan_distill/i2v_14b_480p_dmd.yaml"), "fsdp", 8, offload=True)
+    assert 2.5 < i2v.memory["I2V encoders (CLIP + VAE, fp32)"] < 3.0
+    assert "I2V encoders (CLIP + VAE, fp32)" not in fsdp.memory
