@@ -198,8 +198,8 @@ class InferConfig:
                 warnings.warn("enable_cfg is true with a few-step distill scheduler: the student already carries "
                               "the guidance, so CFG on top will blur/oversaturate the output", stacklevel=3)
         if self.dit_quantized and self.dit_quant_scheme not in QUANT_SCHEMES:
-            raise ValueError(f"dit_quant_scheme must be one of {list(QUANT_SCHEMES)} or a LightX2V per-channel name "
-                             f"({sorted(LIGHTX2V_QUANT_SCHEMES)}), got {self.dit_quant_scheme!r}")
+            raise ValueError(f"dit_quant_scheme must be one of {list(QUANT_SCHEMES)}, got {self.dit_quant_scheme!r} "
+                             f"(LightX2V's per-channel names map onto them: {sorted(LIGHTX2V_QUANT_SCHEMES)})")
         if self.parallel is not None:
             self.parallel.validate(cfg_active=self.enable_cfg and self.sample_guide_scale != 1.0)
 

@@ -291,5 +291,5 @@ def test_lightx2v_quant_scheme_table():
     assert LIGHTX2V_QUANT_SCHEMES["int8-vllm"] == "int8" and LIGHTX2V_QUANT_SCHEMES["fp8-sgl"] == "fp8"
     assert LIGHTX2V_QUANT_SCHEMES["fp8-q8f"] == "fp8" and LIGHTX2V_QUANT_SCHEMES["int8-q8f"] == "int8"
     for name in ("nvfp4", "mxfp4", "fp8-per-block"):  # other layouts: refused, naming the accepted names
-        with pytest.raises(ValueError, match=r"dit_quant_scheme must be one of \['int8', 'fp8'\] or .*int8-vllm"):
+        with pytest.raises(ValueError, match=r"dit_quant_scheme must be one of \['int8', 'fp8'\], got .*map onto them.*int8-vllm"):
             config_from_dict({"dit_quantized": True, "dit_quant_scheme": name})
