@@ -295,8 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 LIMIT_FLAGS = {
-    "max_frames": "largest target_video_length (default: 81 or the config's, if larger)",
-    "max_pixels": "largest target_height x target_width (default: 1280x720 or the config's area, if larger)",
+    "max_frames": "largest target_video_length (default: the config's)",
+    "max_pixels": "largest target_height x target_width (default: the config's area)",
     "max_steps": "largest infer_steps (default: 100 or the config's, if larger)",
     "max_prompt_chars": "longest prompt / negative_prompt in characters (default: 8 x the DiT's text_len)",
     "max_image_bytes": "largest image_path image, file or base64 (default: 16 MiB)",

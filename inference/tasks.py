@@ -94,17 +94,14 @@ def field_error(name: str, msg: str, value: Any = None) -> HTTPException:
 
 
 # ---- limits (issue 15: one request must not tie up the server) -------------------------------------
-WAN_MAX_FRAMES = 81  # the clip length Wan2.1 was trained on
-WAN_MAX_PIXELS = 1280 * 720  # Wan2.1's largest (720p) area
-
-
 @dataclass(frozen=True)
 class ServerLimits:
     """What one request may ask for; larger requests are refused (422, or 413 for the body) before they queue.
 
-    Defaults (`for_model`) follow the loaded model: frames and area up to Wan2.1's trained maximum (81 frames,
-    1280x720) or the config's own value if larger, steps up to 100 (or the config's), prompts up to 8 characters per
-    token of the DiT's text length (the encoder truncates beyond it anyway)."""
+    Defaults (`for_model`) follow the loaded config, which says what the deployment is for: its frame count and
+    its area (height x width; a 480p config serves up to 480p, a 720p one up to 720p), steps up to 100 (or the
+    config's, if more), prompts up to 8 characters per token of the DiT's text length (the encoder truncates beyond
+    it anyway). Cost grows with frames x area x steps; raise a limit with its flag."""
 
     max_frames: int
     max_pixels: int  # target_height * target_width
@@ -121,8 +118,8 @@ class ServerLimits:
     @classmethod
     def for_model(cls, cfg, text_len: int, **overrides: int | None) -> ServerLimits:
         """Defaults derived from the inference config and the DiT's text length; `overrides` (CLI flags) win."""
-        limits = {"max_frames": max(cfg.target_video_length, WAN_MAX_FRAMES),
-                  "max_pixels": max(cfg.target_height * cfg.target_width, WAN_MAX_PIXELS),
+        limits = {"max_frames": cfg.target_video_length,
+                  "max_pixels": cfg.target_height * cfg.target_width,
                   "max_steps": max(cfg.infer_steps, 100), "max_prompt_chars": 8 * text_len}
         return cls(**{**limits, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -448,7 +445,7 @@ class TaskManager:
                       "busy": self._current is not None,
                       "current_task": None if self._current is None else self._current.task_id,
                       "counts": {s: counts.get(s, 0) for s in (PENDING, PROCESSING, *FINISHED)},
-                      "uptime_s": time.time() - self.started}
+                      "uptime_s": time.time() - self.started, "limits": dataclasses.asdict(self.limits)}
         status["loras"] = None if self.lora_dir is None else lora_files(self.lora_dir)
         return status
 

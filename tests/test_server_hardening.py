@@ -6,6 +6,7 @@ cancellation inside a long stage, image paths re-checked when the task opens the
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import threading
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from inference import server as server_mod
+from inference.config import InferConfig
 from inference.server import BackgroundServer, bind_warning, build_manager, create_app, is_loopback
 from inference.tasks import FAILED, ServerLimits, VideoRequest, decode_inline_image
 from tests.test_server import FRAMES, PROMPT, Served, serve, submit, wait
@@ -55,9 +57,11 @@ def test_default_limits_follow_the_model(t2v):
     cfg = t2v.manager.pipe.cfg
     lim = t2v.manager.limits
     assert lim == ServerLimits.for_model(cfg, t2v.manager.pipe.dit.text_len)
-    assert (lim.max_frames, lim.max_pixels, lim.max_steps) == (81, 1280 * 720, 100)
+    assert (lim.max_frames, lim.max_pixels, lim.max_steps) == (FRAMES, cfg.target_height * cfg.target_width, 100)
+    assert t2v.client.get("/v1/service/status").json()["limits"] == dataclasses.asdict(lim)
     assert lim.max_prompt_chars == 8 * t2v.manager.pipe.dit.text_len
-    assert ServerLimits.for_model(cfg.replace(target_video_length=121), 512).max_frames == 121
+    assert ServerLimits.for_model(InferConfig(infer_steps=150), 512).max_steps == 150
+    assert ServerLimits.for_model(cfg, 512, max_frames=121).max_frames == 121
     with pytest.raises(ValueError, match="positive integers"):
         ServerLimits.for_model(cfg, 512, max_frames=0)
 
