@@ -309,10 +309,12 @@ def load_pipeline_launched(cfg: InferConfig, model_path: str | Path | None = Non
 
     Without a distributed launch and without a parallel block it is exactly `load_pipeline(cfg, model_path)`.
     """
-    from inference.loader import load_pipeline, resolve_model_path
+    from inference.loader import load_pipeline, resolve_device, resolve_model_path
 
     folder = resolve_model_path(cfg, model_path)
     state = init_parallel(cfg, folder)
+    if state is not None and resolve_device(cfg.device).type == "cuda":
+        cfg = cfg.replace(device=f"cuda:{torch.cuda.current_device()}")  # this rank's GPU (LOCAL_RANK), by index
     pipe = load_pipeline(cfg, folder)
     if state is not None:
         attach(pipe, state)
@@ -373,20 +375,45 @@ def task_request(task) -> dict[str, Any]:
 
 
 def follow(manager) -> int:
-    """A follower rank's loop: repeat rank 0's tasks (LoRA switch + generate, no file written) until it stops.
-
-    A task that fails here fails on rank 0 too (same inputs, same model), so the ranks stay in step.
+    """A server follower rank's loop: repeat rank 0's tasks (LoRA switch + generate, no file written) until the
+    server stops. A task that fails here fails on rank 0 too (same inputs, same model), so the ranks stay in step.
     Returns the number of tasks followed."""
     from inference.video import read_image
 
-    state, done = manager.pipe.parallel, 0
+    def run(req: dict[str, Any]) -> None:
+        image = None if req["image_path"] is None else read_image(req["image_path"])
+        manager._use_lora(None if req["lora_path"] is None else Path(req["lora_path"]), req["lora_strength"])
+        manager.pipe.generate(req["prompt"], seed=req["seed"], image=image, negative_prompt=req["negative_prompt"],
+                              **req["overrides"])
+
+    return _follow(manager.pipe.parallel, run)
+
+
+def announce(pipe, request: dict[str, Any] | None) -> None:
+    """Web UI on a group: rank 0 sends one generation (or None: stop) to the follower ranks; no-op off a group."""
+    if getattr(pipe, "parallel", None) is not None:
+        broadcast_request(pipe.parallel, request)
+
+
+def follow_webui(pipe) -> int:
+    """A web UI follower rank's loop: rank 0's LoRA choice and generate call (see `announce`), until it stops.
+    Returns the number of calls followed."""
+    from inference.webui import set_ui_lora
+
+    def run(req: dict[str, Any]) -> None:
+        set_ui_lora(pipe.dit, req["lora"], req["lora_strength"])
+        pipe.generate(req["prompt"], seed=req["seed"], image=req["image"], negative_prompt=req["negative_prompt"],
+                      **req["overrides"])
+
+    return _follow(pipe.parallel, run)
+
+
+def _follow(state: ParallelState, run: Callable[[dict[str, Any]], None]) -> int:
+    done = 0
     while (req := broadcast_request(state, None)) is not None:
         done += 1
         try:
-            image = None if req["image_path"] is None else read_image(req["image_path"])
-            manager._use_lora(None if req["lora_path"] is None else Path(req["lora_path"]), req["lora_strength"])
-            manager.pipe.generate(req["prompt"], seed=req["seed"], image=image,
-                                  negative_prompt=req["negative_prompt"], **req["overrides"])
-        except Exception as e:  # noqa: BLE001 - rank 0 reports the failure; the follower waits for the next task
-            log.info("rank %d: task failed as on rank 0: %s: %s", state.rank, type(e).__name__, e)
+            run(req)
+        except Exception as e:  # noqa: BLE001 - rank 0 reports the failure; the follower waits for the next one
+            log.info("rank %d: request failed as on rank 0: %s: %s", state.rank, type(e).__name__, e)
     return done

@@ -212,6 +212,11 @@ def run_generation(pipe: WanPipeline, prompt: str, *, negative_prompt: str | Non
             cfg.replace(**overrides)  # validate the combination (e.g. CFG on a distilled model warns)
         except ValueError as e:
             raise InputError(str(e)) from e
+        # on a torchrun group the other ranks repeat this LoRA choice and call (inference/parallel.py)
+        from inference.parallel import announce
+
+        announce(pipe, {"prompt": prompt.strip(), "seed": seed_, "image": rgb, "negative_prompt": negative_prompt,
+                        "overrides": overrides, "lora": lora, "lora_strength": float(lora_strength)})
         lora_desc = set_ui_lora(pipe.dit, lora, float(lora_strength))
         video = pipe.generate(prompt.strip(), seed=seed_, image=rgb, callback=progress,
                               negative_prompt=negative_prompt, **overrides)
@@ -317,20 +322,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, model_cls=args.model_cls)
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise FileNotFoundError(f"--lora_dir is not a folder: {args.lora_dir}")
-        from inference.loader import load_pipeline
+        from inference.parallel import announce, follow_webui, is_main, load_pipeline_launched
 
         t0 = time.perf_counter()
-        pipe = load_pipeline(cfg, args.model_path)
+        pipe = load_pipeline_launched(cfg, args.model_path)  # under torchrun: on the config's parallel group
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not is_main(pipe):  # torchrun rank > 0: repeat rank 0's generations until the page closes
+        follow_webui(pipe)
+        return 0
     print(f"loaded {cfg.task} model ({cfg.model_cls}) in {time.perf_counter() - t0:.2f}s", flush=True)
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = build_ui(pipe, pipe.cfg, lora_dir=args.lora_dir, output_dir=output_dir)
     # ssr_mode off: server-side rendering needs Node; allowed_paths: Gradio serves only files it was allowed to.
-    demo.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=[str(output_dir)],
-                        ssr_mode=False, show_error=True)
+    try:
+        demo.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=[str(output_dir)],
+                            ssr_mode=False, show_error=True)
+    finally:
+        announce(pipe, None)  # a torchrun group's follower ranks stop with the page
     return 0
 
 

@@ -41,7 +41,11 @@ SCENARIOS = {
     "t2v_cfg": ("t2v", {"cfg_p_size": 2}, {"sample_guide_interval": [0, 990]}),
     "i2v_seq_ulysses": ("i2v", {"seq_p_size": 2}, {}),
     "i2v_cfg": ("i2v", {"cfg_p_size": 2}, {}),
+    # 4 processes (the slow test): both kinds at once, ring attention inside each CFG branch
+    "t2v_cfg_seq_ring": ("t2v", {"cfg_p_size": 2, "seq_p_size": 2, "seq_p_attn_type": "ring"},
+                         {"sample_guide_interval": [0, 990]}),
 }
+TWO = [name for name in SCENARIOS if name != "t2v_cfg_seq_ring"]
 
 
 def free_port() -> int:
@@ -90,7 +94,8 @@ def _attention_checks(rank: int, world: int) -> dict[str, float]:
     return out
 
 
-def _group_worker(rank: int, world: int, port: int, folders: dict[str, str], out_dir: str) -> None:
+def _group_worker(rank: int, world: int, port: int, folders: dict[str, str], out_dir: str,
+                  names: list[str]) -> None:
     from inference.loader import load_pipeline
     from inference.parallel import ParallelState, attach
 
@@ -98,7 +103,8 @@ def _group_worker(rank: int, world: int, port: int, folders: dict[str, str], out
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out = Path(out_dir)
     results = {"attention": _attention_checks(rank, world), "none_on_followers": True}
-    for name, (task, parallel, overrides) in SCENARIOS.items():
+    for name in names:
+        task, parallel, overrides = SCENARIOS[name]
         cfg = scenario_config(task, parallel, overrides)
         pipe = load_pipeline(cfg, folders[task])
         attach(pipe, ParallelState(cfg.parallel))
@@ -108,9 +114,29 @@ def _group_worker(rank: int, world: int, port: int, folders: dict[str, str], out
             torch.save({"latent": latent, "nfe": pipe.timings.nfe}, out / f"{name}.pt")
         else:
             results["none_on_followers"] &= video is None and latent is None
-    results.update(_serve_one_task(rank, folders["t2v"], out))
+    if world == 2:
+        results.update(_serve_one_task(rank, folders["t2v"], out))
+        results.update(_webui_one_call(rank, folders["t2v"], out))
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _webui_one_call(rank: int, folder: str, out: Path) -> dict:
+    """The web UI's group protocol without a browser: rank 0 runs one generation as the page does (cfg_p_size 2),
+    rank 1 follows until rank 0 announces the stop."""
+    from inference.loader import load_pipeline
+    from inference.parallel import ParallelState, announce, attach, follow_webui
+    from inference.webui import run_generation
+
+    cfg = scenario_config("t2v", {"cfg_p_size": 2}, {})
+    pipe = load_pipeline(cfg, folder)
+    attach(pipe, ParallelState(cfg.parallel))
+    if rank != 0:
+        return {"ui_followed": follow_webui(pipe)}
+    result = run_generation(pipe, SERVED_PROMPT, seed=4, output_dir=out / "ui")
+    announce(pipe, None)
+    np.save(out / "ui.npy", result.frames)
+    return {"ui_nfe": result.nfe}
 
 
 def _serve_one_task(rank: int, folder: str, out: Path) -> dict:
@@ -140,7 +166,7 @@ def _serve_one_task(rank: int, folder: str, out: Path) -> dict:
 def group_results(tiny_t2v_dir, tiny_i2v_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("group")
     folders = {"t2v": str(tiny_t2v_dir), "i2v": str(tiny_i2v_dir)}
-    mp.spawn(_group_worker, args=(2, free_port(), folders, str(out)), nprocs=2, join=True)
+    mp.spawn(_group_worker, args=(2, free_port(), folders, str(out), TWO), nprocs=2, join=True)
     return out
 
 
@@ -158,15 +184,31 @@ def references(tiny_t2v_dir, tiny_i2v_dir) -> dict[str, tuple[np.ndarray, torch.
     return refs
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_two_processes_give_the_one_process_video(name, group_results, references, one_thread):
-    ref_video, ref_latent, ref_nfe = references[name]
-    got = torch.load(group_results / f"{name}.pt")
+def assert_same_video(results: Path, name: str, reference: tuple[np.ndarray, torch.Tensor, int]) -> None:
+    ref_video, ref_latent, ref_nfe = reference
+    got = torch.load(results / f"{name}.pt")
     torch.testing.assert_close(got["latent"], ref_latent, rtol=0, atol=LATENT_ATOL)
-    video = np.load(group_results / f"{name}.npy")
+    video = np.load(results / f"{name}.npy")
     assert video.shape == ref_video.shape == (2, 9, 48, 48, 3)
     assert np.abs(video.astype(int) - ref_video.astype(int)).max() <= 1
     assert got["nfe"] == ref_nfe  # the group's DiT evaluations, counted as one process counts them
+
+
+@pytest.mark.parametrize("name", TWO)
+def test_two_processes_give_the_one_process_video(name, group_results, references, one_thread):
+    assert_same_video(group_results, name, references[name])
+
+
+@pytest.mark.slow
+def test_four_processes_cfg_times_seq(tiny_t2v_dir, tiny_i2v_dir, tmp_path, references):
+    """cfg_p_size 2 x seq_p_size 2 (ring) on 4 gloo processes: the one-process video."""
+    folders = {"t2v": str(tiny_t2v_dir), "i2v": str(tiny_i2v_dir)}
+    mp.spawn(_group_worker, args=(4, free_port(), folders, str(tmp_path), ["t2v_cfg_seq_ring"]), nprocs=4,
+             join=True)
+    assert_same_video(tmp_path, "t2v_cfg_seq_ring", references["t2v_cfg_seq_ring"])
+    for rank in range(4):  # the attention checks ran on a 4-rank group: 7 tokens -> 2, 2, 2, 1
+        errs = json.loads((tmp_path / f"rank{rank}.json").read_text())["attention"]
+        assert max(errs.values()) < 1e-5, (rank, errs)
 
 
 def test_group_task_manager_runs_a_task_on_both_ranks(group_results, tiny_t2v_dir):
@@ -179,6 +221,19 @@ def test_group_task_manager_runs_a_task_on_both_ranks(group_results, tiny_t2v_di
     assert not (group_results / "served1" / "a.npy").exists()
     ref = load_pipeline(scenario_config("t2v", None, {}), tiny_t2v_dir).generate(SERVED_PROMPT, seed=3)[0]
     got = np.load(group_results / "served0" / "a.npy")
+    assert got.shape == ref.shape and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_webui_generation_runs_on_both_ranks(group_results, tiny_t2v_dir):
+    """A web UI generation on rank 0 (cfg_p_size 2) is repeated by rank 1 and gives the one-process video."""
+    from inference.loader import load_pipeline
+
+    rank0, rank1 = (json.loads((group_results / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1["ui_followed"] == 1
+    ref_pipe = load_pipeline(scenario_config("t2v", None, {}), tiny_t2v_dir)
+    ref = ref_pipe.generate(SERVED_PROMPT, seed=4)[0]
+    assert rank0["ui_nfe"] == ref_pipe.timings.nfe
+    got = np.load(group_results / "ui.npy")
     assert got.shape == ref.shape and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
 
