@@ -12,11 +12,21 @@ Only loopback URLs are accepted: this is a bounded local measurement, not a tool
 Reported (table + JSON): completed/failed/rejected counts, wall time, throughput (completed videos/s), and
 p50/p90/max of the client-side latency (submit -> seen finished), the server's queue wait (submit -> start) and run
 time (start -> end).
+
+`--abuse` runs the hostile-but-fair cases of issue 15 instead and reports "held N of M": huge frames, area, steps,
+prompt and body (plain and chunked) refused with the limit named, traversal and NUL bytes in paths, bodies that are
+not a JSON object, a duplicate save_result_path (409), a cancel during a long run (stops within a layer), and a
+second client's small request finishing in its normal time while another client abuses the server or a long task
+is cancelled. Use a teacher config for a long run that can be cancelled (a distill config's runs are short):
+
+    python -m benchmarks.load_server --config configs/tiny/t2v_teacher.json --abuse --out benchmarks/results/load_abuse
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import tempfile
 import threading
@@ -33,6 +43,15 @@ PROMPTS = ("a red circle moving left", "a blue square moving up", "a green trian
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_REQUESTS, MAX_CONCURRENCY = 1000, 64
 FINISHED = ("completed", "failed", "cancelled")
+
+
+def shown_path(path: str | None) -> str | None:
+    """A model folder as results files show it: relative to the working directory when inside it (no machine
+    paths in committed results)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_absolute() and p.is_relative_to(Path.cwd()) else path
 
 
 def one_request(client, i: int, body: dict[str, Any], poll_s: float, timeout_s: float) -> dict[str, Any]:
@@ -100,7 +119,8 @@ def run_load(url: str, requests: int, concurrency: int, body: dict[str, Any] | N
     wall = time.perf_counter() - t0
     done = [r for r in rows if r["status"] == "completed"]
     service = httpx.get(url + "/v1/service/status", timeout=30.0).json()
-    return {"url": url, "model": service.get("model"), "device": service.get("device"), "requests": requests,
+    return {"url": url, "model": shown_path(service.get("model")), "device": service.get("device"),
+            "requests": requests,
             "concurrency": concurrency, "request_fields": body, "completed": len(done),
             "failed": sum(r["status"] != "completed" for r in rows),
             "rejected_429": sum(r["rejected"] for r in rows), "wall_s": wall,
@@ -109,6 +129,162 @@ def run_load(url: str, requests: int, concurrency: int, body: dict[str, Any] | N
             "queue_wait_s": percentiles([r["queue_wait_s"] for r in done]),
             "run_s": percentiles([r["run_s"] for r in done]),
             "errors": sorted({str(r.get("error")) for r in rows if r["status"] != "completed"})[:5]}
+
+
+# ---- abuse cases (issue 15) ------------------------------------------------------------------------------------
+SMALL_PROMPT = PROMPTS[0]
+
+
+def _wait(client, task_id: str, until: tuple[str, ...] = FINISHED, timeout_s: float = 300.0,
+          poll_s: float = 0.02) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = client.get(f"/v1/tasks/{task_id}/status").json()
+        if st["status"] in until or time.monotonic() > deadline:
+            return st
+        time.sleep(poll_s)
+
+
+def _timed_small(client, body: dict[str, Any]) -> tuple[float, str]:
+    """Submit the small request and wait for it: (seconds, final status)."""
+    t0 = time.monotonic()
+    r = client.post("/v1/tasks/video/", json={"prompt": SMALL_PROMPT, **body})
+    if r.status_code != 200:
+        return time.monotonic() - t0, f"http {r.status_code}"
+    st = _wait(client, r.json()["task_id"])
+    return time.monotonic() - t0, st["status"]
+
+
+def _refused(r, status: int, needle: str) -> tuple[bool, str]:
+    text = r.text[:200]
+    return r.status_code == status and needle in r.text, f"HTTP {r.status_code}: {text}"
+
+
+def abuse_cases(client, service: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, check) pairs; check() -> (held, what happened)."""
+    lim = service["limits"]
+    teacher = service["model_cls"] != "wan2.1_distill"
+    small = {"infer_steps": 4} if teacher else {}  # the small request: few teacher steps
+    post = functools.partial(client.post, "/v1/tasks/video/")
+    filler = b"x" * (lim["max_body_bytes"] + 2**20)
+
+    def chunked():
+        yield b'{"prompt": "'
+        for i in range(0, len(filler), 2**20):
+            yield filler[i:i + 2**20]
+        yield b'"}'
+
+    name = f"dup_{time.monotonic_ns()}.npy"
+    return [
+        ("huge frames (100001)", lambda: _refused(post(json={"prompt": SMALL_PROMPT, "target_video_length": 100001}),
+                                                  422, "--max_frames")),
+        ("huge area (8192x8192)", lambda: _refused(post(json={"prompt": SMALL_PROMPT, "target_height": 8192,
+                                                              "target_width": 8192}), 422, "--max_pixels")),
+        ("too many steps", lambda: _refused(post(json={"prompt": SMALL_PROMPT, "infer_steps": lim["max_steps"] + 1}),
+                                            422, "--max_steps")),
+        ("long prompt", lambda: _refused(post(json={"prompt": "a" * (lim["max_prompt_chars"] + 1)}), 422,
+                                         "--max_prompt_chars")),
+        ("huge body", lambda: _refused(post(content=b'{"prompt": "' + filler + b'"}',
+                                            headers={"Content-Type": "application/json"}), 413, "--max_body_bytes")),
+        ("huge chunked body", lambda: _refused(post(content=chunked(), headers={"Content-Type": "application/json"}),
+                                               413, "--max_body_bytes")),
+        ("save path ../", lambda: _refused(post(json={"prompt": SMALL_PROMPT, "save_result_path": "../x.mp4"}),
+                                           400, "'..'")),
+        ("save path NUL byte", lambda: _refused(post(json={"prompt": SMALL_PROMPT, "save_result_path": "a\x00.mp4"}),
+                                                400, "NUL")),
+        ("body not JSON", lambda: _refused(post(content=b"{prompt: oops", headers={"Content-Type": "application/json"}),
+                                           422, "json")),
+        ("body a JSON list", lambda: _refused(post(json=[SMALL_PROMPT]), 422, "dictionary")),
+        ("duplicate save_result_path", lambda: _duplicate(client, name, small)),
+        ("cancel during a long run", lambda: _cancel_long(client, lim, teacher, small)),
+        ("small request while another client abuses", lambda: _small_meanwhile(client, lim, small)),
+    ]
+
+
+def _duplicate(client, name: str, small: dict[str, Any]) -> tuple[bool, str]:
+    first = client.post("/v1/tasks/video/", json={"prompt": SMALL_PROMPT, "save_result_path": name, **small})
+    second = client.post("/v1/tasks/video/", json={"prompt": SMALL_PROMPT, "save_result_path": name, **small})
+    if first.status_code == 200:
+        _wait(client, first.json()["task_id"])
+    return first.status_code == 200 and second.status_code == 409, \
+        f"first HTTP {first.status_code}, second HTTP {second.status_code}: {second.text[:120]}"
+
+
+def _cancel_long(client, lim: dict[str, int], teacher: bool, small: dict[str, Any]) -> tuple[bool, str]:
+    """A long task (the largest the limits allow) cancelled mid-run, while a small one waits behind it."""
+    body = {"prompt": SMALL_PROMPT, "target_video_length": lim["max_frames"], **({"infer_steps": lim["max_steps"]}
+                                                                               if teacher else {})}
+    task = client.post("/v1/tasks/video/", json=body).json()["task_id"]
+    _wait(client, task, until=("processing", *FINISHED))
+    time.sleep(1.0 if teacher else 0.0)  # well inside the run (a distill run is short: cancel at once)
+    behind = client.post("/v1/tasks/video/", json={"prompt": SMALL_PROMPT, **small}).json()["task_id"]
+    t0 = time.monotonic()
+    client.delete(f"/v1/tasks/{task}")
+    st = _wait(client, task)
+    took = time.monotonic() - t0
+    after = _wait(client, behind)
+    small_s = time.monotonic() - t0
+    held = st["status"] == "cancelled" and took < 2.0 and after["status"] == "completed"
+    return held, (f"long task {st['status']} {took:.2f} s after DELETE (step {st['progress']['step']} of "
+                  f"{st['progress']['total']}); the small one behind it {after['status']} {small_s:.2f} s after")
+
+
+def _small_meanwhile(client, lim: dict[str, int], small: dict[str, Any]) -> tuple[bool, str]:
+    """The small request alone, then again while another client keeps sending huge requests."""
+    import httpx
+
+    alone, status = _timed_small(client, small)
+    stop, sent = threading.Event(), [0]
+
+    def abuse() -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=30.0, headers=client.headers) as c:
+            while not stop.is_set():
+                c.post("/v1/tasks/video/", json={"prompt": SMALL_PROMPT, "target_video_length": 100001})
+                with contextlib.suppress(httpx.HTTPError):  # the server may close on a refused body mid-upload
+                    c.post("/v1/tasks/video/", content=b"x" * (lim["max_body_bytes"] + 1))
+                sent[0] += 2
+
+    thread = threading.Thread(target=abuse, daemon=True)
+    thread.start()
+    try:
+        meanwhile, status2 = _timed_small(client, small)
+    finally:
+        stop.set()
+        thread.join()
+    held = status == status2 == "completed" and meanwhile <= max(3 * alone, alone + 1.0)
+    return held, f"alone {alone:.2f} s, with {sent[0]} abusive requests meanwhile {meanwhile:.2f} s"
+
+
+def run_abuse(url: str, api_key: str | None = None) -> dict[str, Any]:
+    """Run every abuse case against the server at `url` (loopback only); 'held N of M'."""
+    import httpx
+
+    if urlparse(url).hostname not in LOOPBACK:
+        raise ValueError(f"--url must be a loopback address ({', '.join(LOOPBACK)}), got {url}")
+    headers = {"X-API-Key": api_key} if api_key else {}
+    rows = []
+    with httpx.Client(base_url=url, timeout=60.0, headers=headers) as client:
+        service = client.get("/v1/service/status").json()
+        for name, check in abuse_cases(client, service):
+            t0 = time.monotonic()
+            try:
+                held, what = check()
+            except Exception as e:  # noqa: BLE001 - a case that crashes the client did not hold
+                held, what = False, f"{type(e).__name__}: {e}"
+            rows.append({"case": name, "held": bool(held), "what": what, "seconds": time.monotonic() - t0})
+        alive = client.get("/v1/service/status").status_code == 200
+    rows.append({"case": "server still serving", "held": alive, "what": "GET /v1/service/status", "seconds": 0.0})
+    return {"url": url, "model": shown_path(service["model"]), "limits": service["limits"], "cases": rows,
+            "held": sum(r["held"] for r in rows), "total": len(rows)}
+
+
+def abuse_table(s: dict[str, Any]) -> str:
+    lines = [f"**held {s['held']} of {s['total']}** ({s['model']}; limits {s['limits']})", "",
+             "| case | held | what happened | s |", "|---|---|---|---|"]
+    for r in s["cases"]:
+        what = r["what"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r['case']} | {'yes' if r['held'] else '**no**'} | {what} | {r['seconds']:.2f} |")
+    return "\n".join(lines)
 
 
 def table(s: dict[str, Any]) -> str:
@@ -138,26 +314,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--infer_steps", type=int, help="sent with every request (teacher configs)")
     p.add_argument("--poll_interval", type=float, default=0.02, help="seconds between status polls")
     p.add_argument("--out", help="write <out>.json and <out>.md")
+    p.add_argument("--abuse", action="store_true", help="run the abuse cases instead of the load (held N of M)")
+    p.add_argument("--api_key", help="the key of a --url server started with one")
     a = p.parse_args(argv)
     body = {k: v for k, v in (("target_video_length", a.target_video_length), ("infer_steps", a.infer_steps))
             if v is not None}
+
+    def measure(url: str) -> dict[str, Any]:
+        return run_abuse(url, a.api_key) if a.abuse else run_load(url, a.requests, a.concurrency, body,
+                                                                  a.poll_interval)
+
     if a.url:
-        summary = run_load(a.url, a.requests, a.concurrency, body, a.poll_interval)
+        summary = measure(a.url)
     else:
         from inference.server import BackgroundServer, build_manager, create_app
 
         with tempfile.TemporaryDirectory(prefix="load_server_") as out_dir:
             manager = build_manager(a.config, a.model_path, output_dir=out_dir, max_queue_size=a.max_queue_size)
             with BackgroundServer(create_app(manager)) as server:
-                summary = run_load(server.url, a.requests, a.concurrency, body, a.poll_interval)
+                summary = measure(server.url)
         summary["config"] = a.config
-    print(table(summary))
+    text = abuse_table(summary) if a.abuse else table(summary)
+    print(text)
     print(json.dumps(summary, indent=2))
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-        out.with_suffix(".md").write_text(table(summary) + "\n")
+        out.with_suffix(".md").write_text(text + "\n")
     return summary
 
 

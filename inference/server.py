@@ -97,7 +97,8 @@ class BodySizeLimit:
         body = json.dumps({"detail": f"the request body ({size} bytes) exceeds this server's limit of "
                                      f"{self.max_bytes} bytes (--max_body_bytes)"}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 

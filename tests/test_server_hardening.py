@@ -335,3 +335,15 @@ def test_small_request_completes_while_an_abusive_one_is_refused(t2v):
         thread.join()
     assert normal["status"] == st["status"] == "completed"
     assert meanwhile < max(3 * alone, 2.0), (alone, meanwhile)
+
+
+# ---- the abuse benchmark ---------------------------------------------------------------------------------------
+def test_abuse_benchmark_holds_every_case(tmp_path, capsys):
+    from benchmarks.load_server import main
+
+    summary = main(["--config", "configs/tiny/t2v_distill_4step.json", "--abuse", "--out", str(tmp_path / "abuse")])
+    failed = [c for c in summary["cases"] if not c["held"]]
+    assert summary["held"] == summary["total"] >= 14 and not failed, failed
+    assert f"held {summary['total']} of {summary['total']}" in capsys.readouterr().out
+    assert (tmp_path / "abuse.md").read_text().startswith("**held")
+    assert summary["model"] == "checkpoints/tiny-t2v-distill-4step"  # no machine path in results files
