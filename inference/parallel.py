@@ -61,11 +61,15 @@ def launch_world_size() -> int:
 
 
 def model_num_heads(folder: str | Path) -> int:
-    """num_heads from a Wan model folder's config.json (read without loading any weight)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"model config not found: {path}")
-    return int(json.loads(path.read_text())["num_heads"])
+    """The DiT's attention heads, from a model folder's config, without loading any weight: `config.json`
+    (official layout, num_heads) or `transformer/config.json` (diffusers layout, num_attention_heads)."""
+    folder = Path(folder)
+    for path, key in ((folder / "config.json", "num_heads"),
+                      (folder / "transformer" / "config.json", "num_attention_heads")):
+        if path.is_file():
+            return int(json.loads(path.read_text())[key])
+    raise FileNotFoundError(f"no DiT config in {folder}: expected config.json (official layout) or "
+                            "transformer/config.json (diffusers layout)")
 
 
 def check_parallel(par: ParallelConfig | None, world_size: int, num_heads: int | None) -> None:
@@ -266,7 +270,6 @@ class ParallelState:
             return v
 
         return denoise
-
 
 
 def attach(pipe, state: ParallelState) -> None:

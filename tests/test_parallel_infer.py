@@ -280,6 +280,17 @@ def test_launch_rules(par, world, heads, rule):
         check_parallel(par, world, heads)
 
 
+def test_num_heads_read_from_either_layout(tmp_path, tiny_t2v_dir):
+    from inference.parallel import model_num_heads
+
+    assert model_num_heads(tiny_t2v_dir) == 2
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_attention_heads": 12}))
+    assert model_num_heads(tmp_path) == 12
+    with pytest.raises(FileNotFoundError, match="transformer/config.json"):
+        model_num_heads(tmp_path / "transformer" / "nothing")
+
+
 def test_ring_accepts_heads_that_do_not_divide():
     check_parallel(ParallelConfig(seq_p_size=4, seq_p_attn_type="ring"), 4, 6)
     check_parallel(ParallelConfig(seq_p_size=2, cfg_p_size=2), 4, 12)
