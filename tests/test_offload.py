@@ -273,3 +273,31 @@ def test_config_rules_of_the_offload_keys(make_config):
         make_config(lazy_load=True)
     with pytest.raises(ValueError, match="lora_mode 'runtime'"):
         make_config(cpu_offload=True, lazy_load=True, lora_configs=[{"path": "a.safetensors"}])
+
+
+# ---- the GPU script's CPU mode ---------------------------------------------------------------------------
+def test_gpu_inference_check_runs_its_tiny_geometry_on_the_cpu(tmp_path, capsys):
+    """benchmarks/infer_gpu_check.py (scripts/gpu_inference_check.sh) at the tiny geometry: every number is
+    written, the offloaded DiT gives the resident output, the teacher's denoising is scaled to 50 steps."""
+    import json
+
+    from benchmarks.infer_gpu_check import main
+
+    result = main(["--geometry", "tiny", "--device", "cpu", "--out", str(tmp_path / "check")])
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert saved["dit"]["max_abs_diff_vs_resident"] <= 1e-6 and result["dit"]["units_copied_ahead"] >= 3
+    assert saved["dit"]["ratio_offloaded_over_resident"] > 0 and saved["dit"]["resident_peak_gib"] is None
+    student, teacher = saved["end_to_end"]["student_4step"], saved["end_to_end"]["teacher_cfg"]
+    assert student["nfe"] == 4 and teacher["nfe"] == 100 and teacher["scaled_from_steps"] == 2
+    assert set(student["stages_s"]) == {"text_encoder", "image_encoder", "dit", "vae_decode"}
+    assert saved["end_to_end"]["speedup_teacher_over_student"] == teacher["total_s"] / student["total_s"]
+
+
+def test_gpu_inference_check_refuses_the_real_geometry_on_a_cpu(tmp_path):
+    from benchmarks.infer_gpu_check import main
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        main(["--geometry", "real", "--device", "cpu", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--teacher-steps must be >= 1"):
+        main(["--geometry", "tiny", "--teacher-steps", "0", "--out", str(tmp_path / "x")])
