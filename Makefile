@@ -6,7 +6,7 @@ PY := .venv/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .venv/.installed
 
-.PHONY: install demo test test-slow lint clean webui test-browser webui-screenshot
+.PHONY: install demo test test-slow lint clean webui test-browser webui-screenshot rehearse
 
 $(STAMP): pyproject.toml scripts/deps.py
 	test -x $(PY) || python3 -m venv .venv
@@ -41,6 +41,10 @@ webui-screenshot: $(STAMP)
 	bash scripts/install_browser.sh
 	WEBUI_BROWSER_REQUIRED=1 WEBUI_TEST_CONFIG=$(WEBUI_CONFIG) WEBUI_SCREENSHOT=benchmarks/results/webui_screenshot.png \
 		$(PY) -m pytest -m browser tests/test_webui.py
+
+# every real-model command of the README on mini Wan2.1 folders (CPU; REHEARSE_DIR keeps the outputs)
+rehearse: $(STAMP)
+	PYTHON=$(PY) bash scripts/rehearse.sh $(REHEARSE_DIR)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
