@@ -7,28 +7,15 @@ Convention (inference/flow.py): x_s = (1 - s) x0 + s eps, v = eps - x0, timestep
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from inference.flow import add_noise, shift_sigma, v_from_x0_eps, x0_from_v
+from inference.flow import add_noise, shift_sigma, sigma_of, timestep_of, v_from_x0_eps, x0_from_v
+from inference.guidance import Cond, Guidance, guided_velocity
 
-
-@dataclass
-class Cond:
-    """Conditioning passed to every DiT call: context [B, text_len, text_dim]; I2V clip_fea and y."""
-
-    context: Tensor
-    clip_fea: Tensor | None = None
-    y: Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Cond:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Cond(move(self.context), move(self.clip_fea), move(self.y))
-
-    def __call__(self, net, x: Tensor, t: Tensor) -> Tensor:
-        return net(x, t, self.context, clip_fea=self.clip_fea, y=self.y)
+__all__ = ["Cond", "critic_loss", "critic_sigmas", "dmd_loss", "flow_matching_loss", "guided_x0",
+           "ode_regression_loss", "sample_sigmas"]
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator | None = None,
@@ -47,7 +34,7 @@ def flow_matching_loss(net, x0: Tensor, cond: Cond, shift: float,
     s = sample_sigmas(x0.shape[0], shift, generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     x_s = add_noise(x0, eps, s)
-    v = cond(net, x_s, 1000.0 * s)
+    v = cond(net, x_s, timestep_of(s))
     return (v.float() - v_from_x0_eps(x0, eps).float()).pow(2).mean()
 
 
@@ -55,30 +42,15 @@ def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generato
                   device: torch.device | str = "cpu") -> Tensor:
     """Critic timestep (docs/step_distillation.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to
     [t_min, t_max]. [B]."""
-    return sample_sigmas(batch, shift, generator, device).clamp(t_min / 1000.0, t_max / 1000.0)
+    return sample_sigmas(batch, shift, generator, device).clamp(sigma_of(t_min), sigma_of(t_max))
 
 
 def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float,
               interval: Sequence[float] | None = None) -> Tensor:
-    """x0 of a CFG-guided prediction, standard convention: v = v_u + w (v_c - v_u), one batched forward.
-
-    w = guidance (1 = no guidance). x_t [B, C, F, H, W], s [B]. I2V conditioning (y, clip_fea) is shared.
-    `interval` [t_min, t_max] (0-1000): samples whose timestep 1000 s lies outside get w = 1 (conditional only;
-    the inference sampler's `sample_guide_interval`), chosen on the device per sample.
-    """
-    t = 1000.0 * s
-    if uncond is None or guidance == 1.0:
-        v = cond(net, x_t, t).float()
-    else:
-        both = Cond(torch.cat([cond.context, uncond.context]),
-                    None if cond.clip_fea is None else torch.cat([cond.clip_fea, cond.clip_fea]),
-                    None if cond.y is None else torch.cat([cond.y, cond.y]))
-        v_c, v_u = both(net, torch.cat([x_t, x_t]), torch.cat([t, t])).float().chunk(2)
-        w = torch.full_like(t, guidance)
-        if interval is not None:
-            w = torch.where((t >= interval[0]) & (t <= interval[1]), w, torch.ones_like(w))
-        v = v_u + w.view(-1, *[1] * (v_u.ndim - 1)) * (v_c - v_u)
-    return x0_from_v(x_t.float(), v, s)
+    """x0 [B, C, F, H, W] (fp32) of the CFG-guided prediction at x_t [B, C, F, H, W], sigmas s [B]
+    (inference/guidance.py, per sample: `interval` [t_min, t_max] gives w = 1 to samples outside it)."""
+    v = guided_velocity(net, x_t, timestep_of(s), cond, uncond, Guidance(guidance, interval), per_sample=True)
+    return x0_from_v(x_t.float(), v.float(), s)
 
 
 def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
@@ -108,7 +80,7 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
     x64 = x.double()
     loss = 0.5 * (x64 - (x64 - grad.double()).detach()).pow(2).mean()
     # metrics stay 0-dim device tensors: the trainer copies them to the host only at logging steps
-    return loss.float(), {"dmd_grad_norm": grad.pow(2).mean().sqrt(), "critic_t": 1000 * s.mean()}
+    return loss.float(), {"dmd_grad_norm": grad.pow(2).mean().sqrt(), "critic_t": timestep_of(s.mean())}
 
 
 def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,
@@ -118,7 +90,7 @@ def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 
     x = x.detach().float()
     s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device)
     eps = torch.randn(x.shape, generator=generator).to(x.device)
-    v = cond(fake_score, add_noise(x, eps, s), 1000.0 * s)
+    v = cond(fake_score, add_noise(x, eps, s), timestep_of(s))
     return (v.float() - v_from_x0_eps(x, eps)).pow(2).mean()
 
 
@@ -126,5 +98,5 @@ def ode_regression_loss(net, x_k: Tensor, s_k: Tensor, x0: Tensor, cond: Cond) -
     """ODE initialisation (docs/step_distillation.md): regress the generator's x0 prediction from a stored teacher
     state x_k at the student's warped sigma s_k [B] onto the trajectory's clean endpoint x0:
     mean((x_k - s_k v - x0)^2)."""
-    v = cond(net, x_k, 1000.0 * s_k)
+    v = cond(net, x_k, timestep_of(s_k))
     return (x0_from_v(x_k.float(), v.float(), s_k) - x0.float()).pow(2).mean()

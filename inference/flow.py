@@ -63,3 +63,23 @@ def add_noise(x0: Tensor, eps: Tensor, sigma: Sigma) -> Tensor:
     """Forward process:  x_s = (1 - s) x0 + s eps  (s = 0 -> x0, s = 1 -> eps)."""
     s = expand_sigma(sigma, x0.ndim)
     return (1 - s) * x0 + s * eps
+
+
+NUM_TRAIN_TIMESTEPS = 1000  # t = 1000 s: the timestep scale the Wan DiT was trained on
+
+
+def timestep_of(sigma: S) -> S:
+    """Timestep fed to the network:  t = 1000 s  (float, not rounded)."""
+    return NUM_TRAIN_TIMESTEPS * sigma
+
+
+def sigma_of(t: S) -> S:
+    """Inverse of `timestep_of`:  s = t / 1000."""
+    return t / NUM_TRAIN_TIMESTEPS
+
+
+def unshift_sigma(s: S, shift: float) -> S:
+    """Inverse of `shift_sigma`:  s = s' / (shift - (shift - 1) s')."""
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return s / (shift - (shift - 1) * s)
