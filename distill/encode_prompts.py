@@ -8,7 +8,8 @@ Layout of `data.text_store` (a folder):
   its real tokens (EOS included) and concatenated: `emb` [sum L_i, dim] in the store dtype (bf16 by default) and
   `offsets` [n + 1] int64; the store key in the metadata. Written atomically, so a killed encode keeps every
   finished chunk and continues with the missing ones.
-- `index.json`: the key and the chunk list, written by rank 0 once every chunk exists (a complete store).
+- `lengths.safetensors` (int32 [N], every prompt's token count) and `index.json` (the key and the chunk list),
+  written by rank 0 once every chunk exists: a store with an index is complete.
 
 The list is the training prompts in source order followed by the negative prompt (the teacher's CFG uncond), so
 the trainer addresses rows by index. The key: a fingerprint of the encoder and tokenizer files (sizes and sampled
@@ -35,6 +36,7 @@ from torch import Tensor
 from models.loading import write_safetensors
 
 INDEX = "index.json"
+LENGTHS = "lengths.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAMPLE_BLOCKS, BLOCK_BYTES = 16, 1 << 16  # fingerprint: 16 evenly spaced 64 KiB blocks per file, plus the size
 
@@ -133,7 +135,9 @@ def _stored_key(path: Path) -> StoreKey:
 def check_key(folder: Path, key: StoreKey) -> bool:
     """True if `folder` holds a complete store of `key`; False if it is missing or partial with the same key.
     A store (or a finished chunk) of another key raises StaleStoreError naming the differences."""
-    for path in [folder / INDEX, *sorted(folder.glob("chunk_*.safetensors"))]:
+    # a complete store: its index (written after every chunk, under the same key); else each finished chunk
+    paths = [folder / INDEX] if (folder / INDEX).is_file() else sorted(folder.glob("chunk_*.safetensors"))
+    for path in paths:
         if not path.is_file():
             continue
         diff = key.differences(_stored_key(path))
@@ -181,16 +185,28 @@ def encode_store(text_encoder, prompts: Sequence[str], folder: str | Path, key: 
         missing = [c for c in range(num_chunks(key)) if not chunk_path(folder, c).is_file()]
         if missing:
             raise RuntimeError(f"prompt store {folder}: chunks {missing[:5]} missing after every rank finished")
+        write_lengths(folder, key)
         tmp = folder / (INDEX + ".tmp")
-        tmp.write_text(json.dumps({"key": asdict(key), "chunks": [chunk_path(folder, c).name
-                                                                  for c in range(num_chunks(key))]}, indent=1))
+        tmp.write_text(json.dumps({"key": asdict(key), "lengths": LENGTHS, "chunks": [
+            chunk_path(folder, c).name for c in range(num_chunks(key))]}, indent=1))
         tmp.replace(folder / INDEX)
     barrier()
     return folder
 
 
+def write_lengths(folder: Path, key: StoreKey) -> None:
+    """`lengths.safetensors`: every prompt's token count (int32 [N]), gathered from the chunks, so that opening
+    the store reads one small file instead of touching every chunk."""
+    lengths = []
+    for c in range(num_chunks(key)):
+        with safe_open(str(chunk_path(folder, c)), "pt") as f:
+            lengths.append(f.get_tensor("offsets").diff().to(torch.int32))
+    write_safetensors({"lengths": torch.cat(lengths)}, folder / LENGTHS, metadata={"key": json.dumps(asdict(key))})
+
+
 class PromptStore:
-    """Rows of a complete store, read memory-mapped per batch. In RAM: the offsets only (12 bytes per prompt)."""
+    """Rows of a complete store, read memory-mapped per batch. In RAM: a start and a length per prompt (12 bytes);
+    a chunk file is mapped when a batch first reads from it."""
 
     def __init__(self, folder: str | Path, key: StoreKey) -> None:
         self.folder = Path(folder)
@@ -198,13 +214,12 @@ class PromptStore:
             raise FileNotFoundError(f"prompt store {self.folder} is incomplete (no {INDEX}): run "
                                     f"python -m distill.encode_prompts --config <train yaml> first")
         self.key, self.text_len = key, key.text_len
-        self._files: dict[int, object] = {}
-        starts, lengths = [], []
-        for c in range(num_chunks(key)):
-            offsets = self._file(c).get_tensor("offsets").numpy()
-            starts.append(offsets[:-1])
-            lengths.append(np.diff(offsets).astype(np.int32))
-        self.starts, self.lengths = np.concatenate(starts), np.concatenate(lengths)
+        self._files: dict[int, object] = {}  # chunk files, opened (mapped) when first read
+        with safe_open(str(self.folder / LENGTHS), "pt") as f:
+            self.lengths = f.get_tensor("lengths").numpy()
+        # start of each prompt's rows within its chunk: cumulative lengths restarting at every chunk
+        first = np.cumsum(self.lengths, dtype=np.int64) - self.lengths  # global row of each prompt's first token
+        self.starts = first - first[np.arange(len(first)) // key.chunk_size * key.chunk_size]
         self.dim = self._file(0).get_slice("emb").get_shape()[1]
         self.negative_row = key.num_prompts - 1
 

@@ -88,7 +88,8 @@ def test_a_killed_encode_continues_with_the_missing_chunks(tmp_path, encoder, mo
     monkeypatch.setattr(ep, "write_safetensors",
                         lambda s, p, **kw: resumed.append(Path(p).name) or real_write(s, p, **kw))
     encode_store(encoder, PROMPTS, folder, key, log=lambda m: None)
-    assert resumed == ["chunk_000002.safetensors", "chunk_000003.safetensors"]  # only the missing ones
+    # only the missing chunks (then the per-prompt lengths, written with the index)
+    assert resumed == ["chunk_000002.safetensors", "chunk_000003.safetensors", "lengths.safetensors"]
     assert {n: (folder / n).stat().st_mtime_ns for n in before} == before
     fresh = encode_store(encoder, PROMPTS, tmp_path / "fresh", key, log=lambda m: None)
     a, b = PromptStore(folder, key), PromptStore(fresh, key)
