@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from inference.config import InferConfig, ParallelConfig
 from inference.parallel import attention_lse, check_parallel, merge_attention, shard_bounds
+from models.attention import attention
 
 REPO = Path(__file__).resolve().parents[1]
 ODD = dict(target_video_length=9, target_height=48, target_width=48)  # 27 tokens
@@ -77,7 +78,6 @@ def run_capturing(pipe) -> tuple[np.ndarray | None, torch.Tensor | None]:
 def _attention_checks(rank: int, world: int) -> dict[str, float]:
     """Ulysses (4 heads) and ring (3 heads: not divisible by 2) on 7 tokens against full attention: max error."""
     from inference.parallel import SequenceParallel
-    from models.attention import attention
 
     group = dist.new_group(list(range(world)))
     out = {}
@@ -259,6 +259,10 @@ def test_merged_blocks_equal_one_softmax():
         out, acc = merge_attention(out, acc, *attention_lse(q, k[:, lo:hi], v[:, lo:hi]))
     torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
     torch.testing.assert_close(acc, lse, rtol=0, atol=1e-6)
+    chunked = attention_lse(q, k, v, chunk=2)  # 5 queries in chunks of 2, 2, 1: the same rows
+    torch.testing.assert_close(chunked[0], whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked[1], lse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, attention(q, k, v), rtol=0, atol=1e-6)  # the kernel one process uses
 
 
 def test_shard_bounds_cover_every_token_once():
