@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,36 +166,67 @@ def test_resume_without_any_intact_checkpoint_is_an_error_naming_each(tmp_path, 
 
 
 # ---- 3. metrics.jsonl of a killed and resumed run ----------------------------------------------------------------
+# A training process that SIGKILLs itself when it reaches step index argv[1] (no cleanup, no flush at exit).
+KILLED_RUN = """
+import os, signal, sys
+from distill.config import load_train_config
+from train import trainer_for
+trainer = trainer_for(load_train_config(None, sys.argv[2:]))
+step = trainer.train_step
+def dies(i):
+    if i == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(i)
+trainer.train_step = dies
+trainer.train()
+"""
+
+
 class Killed(Exception):
     pass
 
 
-def test_killed_and_resumed_run_logs_the_same_rows_as_an_uninterrupted_one(tmp_path, one_thread, monkeypatch):
-    """Rows every 3 steps, a checkpoint every 4: the run dies in step 8, after row 6 was written and with step 4's
-    metrics in the checkpoint's unfinished row. The resumed run must drop row 6, restore the sums and write rows
-    6 and 8 as the uninterrupted run did."""
-    opts = ("max_steps=8", "logging.every=3", "checkpoint.every=4")
+def _die_in_step_5(run: Path, opts: tuple[str, ...], how: str) -> None:
+    """Run pretrain with `opts` and stop it inside step 5: SIGKILL of a child process (slow: a fresh interpreter),
+    or an exception raised in-process (the same files are left: every row is flushed when written)."""
+    if how == "exception":
+        trainer = trainer_for(pretrain_cfg(run, *opts))
+        step = trainer.train_step
+
+        def dies(i: int):
+            if i == 4:
+                raise Killed
+            return step(i)
+
+        trainer.train_step = dies
+        with pytest.raises(Killed):
+            trainer.train()
+        return
+    args = ["task=pretrain", f"run_dir={run}", f"output_model={run}/model", f"model.components_path={COMPONENTS}",
+            "optim.warmup_steps=2", *SMALL, *opts]
+    assert load_train_config(None, args) == pretrain_cfg(run, *opts)  # the child runs the same settings
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "4", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+@pytest.mark.parametrize("how", ["exception", pytest.param("sigkill", marks=pytest.mark.slow)])
+def test_killed_and_resumed_run_logs_the_same_rows_as_an_uninterrupted_one(tmp_path, one_thread, how):
+    """Rows every 2 steps, a checkpoint every 3: the run dies in step 5, after row 4 was written and with step
+    3's metrics in the checkpoint's unfinished row. The resumed run must drop row 4, restore the sums and write
+    rows 4 and 5 as the uninterrupted run did."""
+    opts = ("max_steps=5", "logging.every=2", "checkpoint.every=3")
     ref, run = tmp_path / "ref", tmp_path / "run"
     train(pretrain_cfg(ref, *opts))
-    trainer = trainer_for(pretrain_cfg(run, *opts))
-    step = trainer.train_step
-
-    def dies_in_step_8(i):
-        if i == 7:
-            raise Killed
-        return step(i)
-
-    trainer.train_step = dies_in_step_8
-    with pytest.raises(Killed):
-        trainer.train()
-    assert [r["step"] for r in metrics(run)] == [3, 6]
+    _die_in_step_5(run, opts, how)
+    assert [r["step"] for r in metrics(run)] == [2, 4]
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "loss": 0.')  # a row cut short by the kill
-    saved = json.loads((run / "checkpoints" / "step_00000004" / "state.json").read_text())["metrics_pending"]
+        f.write('{"step": 5, "loss": 0.')  # a row cut short (what a kill during a write leaves)
+    saved = json.loads((run / "checkpoints" / "step_00000003" / "state.json").read_text())["metrics_pending"]
     assert saved["loss"][1:] == [1, True] and saved["lr"][1:] == [1, False]
     train(pretrain_cfg(run, *opts))
     got, want = by_step(metrics(run)), by_step(metrics(ref))
-    assert [r["step"] for r in metrics(run)] == [3, 6, 8]
+    assert [r["step"] for r in metrics(run)] == [2, 4, 5]
     for s in want:
         assert_same_metrics(want[s], got[s], rtol=0)
 
