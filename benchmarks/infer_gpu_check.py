@@ -71,10 +71,10 @@ def random_init_(module: nn.Module, std: float = 0.02) -> nn.Module:
 
 
 def build(cls_or_fn: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Build on meta, materialise on `device` without an init pass, fill with random values, cast."""
+    """Build on meta, cast there (no memory), materialise on `device` in `dtype`, fill with random values."""
     with torch.device("meta"):
-        module = cls_or_fn()
-    return random_init_(module.to_empty(device=device)).to(dtype).eval().requires_grad_(False)
+        module = cls_or_fn().to(dtype)
+    return random_init_(module.to_empty(device=device)).eval().requires_grad_(False)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
     device = torch.device(args.device)
     if args.geometry == "real" and device.type != "cuda":
-        raise ValueError("--geometry real needs a CUDA device (a 14B DiT step on a CPU takes hours); use --geometry tiny")
+        raise ValueError("--geometry real needs a CUDA device (a 14B DiT step on a CPU takes hours); "
+                         "use --geometry tiny")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     geo = GEOMETRIES[args.geometry]
     result = {"geometry": args.geometry, "device": torch.cuda.get_device_name(device) if device.type == "cuda"

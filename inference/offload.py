@@ -171,7 +171,8 @@ class BlockOffloader:
         if self.granularity == "model":
             return [self._unit("model", self.model)], [self.model]
         for name, t in self._outside_blocks():  # resident for the whole session
-            _Slot(name, *self._owner(name), t.to(self.device)).set(t.to(self.device))
+            resident = t.detach().to(self.device)
+            _Slot(name, *self._owner(name), resident).set(resident)
         units, entries = [], []
         for i, block in enumerate(self.model.blocks):
             if self.granularity == "block":

@@ -294,9 +294,9 @@ def estimate(model: str, resolution: str, dtype: str = "bf16", offload: str = "n
 
 
 def table(gpu_mem: float | None = None, cfg: bool = False) -> str:
-    """Markdown table over models x resolutions x dtypes x offload x GPUs (81 frames)."""
-    head = ("| model | res | weights | offload | GPUs (cfg x sp) | DiT weights on GPU | DiT act. | peak / GPU |"
-            " host RAM / GPU | host, lazy_load |" + (f" fits {gpu_mem:g} GiB |" if gpu_mem else ""))
+    """Markdown table over models x resolutions x dtypes x offload x GPUs (81 frames), GiB per GPU."""
+    head = ("| model | res | weights | offload | GPUs (cfg x sp) | DiT weights on GPU | DiT act. | denoising stage |"
+            " peak / GPU | host RAM / GPU | host, lazy_load |" + (f" fits {gpu_mem:g} GiB |" if gpu_mem else ""))
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for model in MODELS:
         for res in RESOLUTIONS:
@@ -308,7 +308,8 @@ def table(gpu_mem: float | None = None, cfg: bool = False) -> str:
                         fits = (" yes |" if p.peak <= gpu_mem else " no |") if gpu_mem else ""
                         rows.append(f"| {model} | {res} | {dtype} | {off} | {gpus} ({p.cfg_parallel}x{p.seq_parallel})"
                                     f" | {d['DiT weights on device']:.1f} | {d['DiT activations (peak)']:.2f} | "
-                                    f"{p.peak:.1f} | {p.host:.1f} | {p.host_lazy:.1f} |{fits}")
+                                    f"{d['stage: denoising']:.1f} | {p.peak:.1f} | {p.host:.1f} | "
+                                    f"{p.host_lazy:.1f} |{fits}")
     return "\n".join(rows)
 
 

@@ -122,7 +122,8 @@ def test_lazy_load_equals_resident_and_keeps_host_tensors_bounded(dit_folder, gr
     assert all(is_placeholder(t) for n, t in lazy.state_dict().items() if n.startswith("blocks."))
     outside = live_host_bytes(lazy)
     n_block_tensors = sum(n.startswith("blocks.") for n in resident.state_dict())
-    nonblock = sum(t.numel() * t.element_size() for n, t in resident.state_dict().items() if not n.startswith("blocks."))
+    nonblock = sum(t.numel() * t.element_size() for n, t in resident.state_dict().items()
+                   if not n.startswith("blocks."))
     assert outside <= nonblock + 4 * n_block_tensors  # nothing of the blocks was read (a placeholder: 1 element)
     enable_offload(lazy, "cpu", granularity, lazy.lazy_files)
     peaks = []
