@@ -30,7 +30,7 @@ from torch import nn
 
 from models.clip import CLIPImageEncoder
 from models.loading import DIT_CONFIG, DIT_WEIGHTS, write_safetensors
-from models.registry import WAN_FILES
+from models.registry import WAN_FILES, get_spec
 from models.t5 import UMT5Encoder
 from models.vae import WanVAE
 from models.wan_model import WanModel
@@ -125,34 +125,62 @@ def _gamma_to_one_d(vae: WanVAE, generator: torch.Generator) -> None:
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
 
 
-@torch.no_grad()
-def build_mini(task: str, seed: int = 0) -> MiniModel:
-    """The networks of a mini model for `task` ("t2v" | "i2v"), random weights drawn from `seed`."""
+# The real Wan2.1-T2V-1.3B geometry for GPU rehearsals (scripts/gpu_rehearsal.sh): the real DiT and VAE, umT5 at
+# the real width (its 4096-dim output feeds the DiT) with two blocks, since the encoder runs once per prompt.
+GEOMETRIES = ("mini", "1.3b")
+UMT5_1_3B_REHEARSAL = dict(dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=2, num_buckets=32)
+
+
+def _random(factory, generator: torch.Generator) -> nn.Module:
+    """Build on `meta` (no default init: 1.4B parameters would take a minute), allocate, draw the weights."""
+    with torch.device("meta"):
+        module = factory()
+    return randomize(module.to_empty(device="cpu"), generator)
+
+
+def mini_configs(task: str, geometry: str = "mini") -> dict[str, dict[str, Any]]:
+    """Constructor configs of the DiT (official config.json fields), VAE, umT5 (without vocab_size) and CLIP
+    (None for T2V) of a mini model, or of the real 1.3B geometry (T2V only)."""
     _check(task)
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    if geometry == "1.3b":
+        if task != "t2v":
+            raise ValueError("geometry '1.3b' is Wan2.1-T2V-1.3B: there is no I2V model of that size")
+        return dict(dit=get_spec("wan2.1-t2v-1.3b").dit, vae={}, umt5=dict(UMT5_1_3B_REHEARSAL), clip=None)
+    dit = dict(model_type=task, in_dim=16 if task == "t2v" else 36, text_dim=MINI_UMT5["dim"], **MINI_DIT)
+    if task == "i2v":
+        dit["clip_dim"] = MINI_CLIP["dim"]
+    return dict(dit=dit, vae=dict(MINI_VAE), umt5=dict(MINI_UMT5), clip=dict(MINI_CLIP) if task == "i2v" else None)
+
+
+@torch.no_grad()
+def build_mini(task: str, seed: int = 0, geometry: str = "mini") -> MiniModel:
+    """The networks of a mini model for `task` ("t2v" | "i2v"), random weights drawn from `seed`; `geometry`
+    "1.3b" gives the real Wan2.1-T2V-1.3B DiT and VAE instead (see UMT5_1_3B_REHEARSAL for the text encoder)."""
+    cfg = mini_configs(task, geometry)
     g = torch.Generator().manual_seed(seed)
     tokenizer = mini_tokenizer()
-    text = randomize(UMT5Encoder(vocab_size=tokenizer.get_vocab_size(), **MINI_UMT5), g)
+    text = _random(lambda: UMT5Encoder(vocab_size=tokenizer.get_vocab_size(), **cfg["umt5"]), g)
     text.to(torch.bfloat16).float()  # the official file is bf16: both layouts hold the bf16-exact values
-    vae = randomize(WanVAE(**MINI_VAE), g)
+    vae = randomize(WanVAE(**cfg["vae"]), g)  # built normally: its latent statistics are buffers
     _gamma_to_one_d(vae, g)
-    image = randomize(CLIPImageEncoder(**MINI_CLIP), g) if task == "i2v" else None
-    dit_cfg = dict(model_type=task, in_dim=16 if task == "t2v" else 36, text_dim=MINI_UMT5["dim"], **MINI_DIT)
-    if image is not None:
-        dit_cfg["clip_dim"] = MINI_CLIP["dim"]
-    dit = randomize(WanModel.from_config(dit_cfg), g)
+    image = _random(lambda: CLIPImageEncoder(**cfg["clip"]), g) if cfg["clip"] is not None else None
+    dit = _random(lambda: WanModel.from_config(cfg["dit"]), g)
     for m in (text, vae, dit) + ((image,) if image is not None else ()):
         m.eval().requires_grad_(False)
     return MiniModel(task, dit, vae, text, image, tokenizer)
 
 
 def write_mini(out: str | Path, task: str, layout: str = "official", sharded: bool = False,
-               seed: int = 0) -> Path:
+               seed: int = 0, geometry: str = "mini") -> Path:
     """Write a mini model folder of `layout` for `task` to `out` (created; must be empty or absent)."""
     _check(task, layout)
+    mini_configs(task, geometry)  # bad geometry: an error before anything is written
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    model = build_mini(task, seed)
+    model = build_mini(task, seed, geometry)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "official":
         write_official(out, model, sharded)

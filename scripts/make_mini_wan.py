@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.mini import LAYOUTS, TASKS, write_mini
+from models.mini import GEOMETRIES, LAYOUTS, TASKS, write_mini
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sharded", action="store_true",
                         help="DiT weights in shards with an index, as in the 14B folders")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="mini",
+                        help="1.3b: the real Wan2.1-T2V-1.3B DiT and VAE (GPU rehearsal; ~7 GB on disk)")
     args = parser.parse_args(argv)
-    out = write_mini(args.out, args.task, args.layout, sharded=args.sharded, seed=args.seed)
-    print(f"wrote a mini {args.task.upper()} model ({args.layout} layout) to {out}")
+    out = write_mini(args.out, args.task, args.layout, sharded=args.sharded, seed=args.seed, geometry=args.geometry)
+    print(f"wrote a {args.geometry} {args.task.upper()} model ({args.layout} layout) to {out}")
 
 
 if __name__ == "__main__":

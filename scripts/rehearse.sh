@@ -104,12 +104,17 @@ step infer_i2v_teacher_diffusers infer --config "$C/wan_i2v.json" --model_path "
 # ---- training: ODE init -> DMD (sampling on) -> export (full DiT + rank-64 LoRA) ---------------------------
 R=$WORK/runs
 T2V_YAML=configs/wan_distill/t2v_1.3b_dmd.yaml
+T2V_STORE=data.text_store=$R/t2v_store
+I2V_STORE=data.text_store=$R/i2v_store
+# the YAML headers' step 1: the prompt store, encoded by all processes
+step encode_prompts_torchrun "$PY" -m torch.distributed.run --nproc_per_node 2 -m distill.encode_prompts \
+  --config $T2V_YAML model.path="$M/t2v" data.prompt_path="$WORK/prompts.txt" "$T2V_STORE"
 step train_t2v_ode "$PY" train.py --config $T2V_YAML task=ode run_dir="$R/ode" model.path="$M/t2v" \
-  data.prompt_path="$WORK/prompts.txt" "${SIZE[@]}" max_steps=2 grad_accum=1 output_model="$R/ode/model" \
+  data.prompt_path="$WORK/prompts.txt" "$T2V_STORE" "${SIZE[@]}" max_steps=2 grad_accum=1 output_model="$R/ode/model" \
   ode.trajectories="$R/ode/trajectories" ode.num_trajectories=4 ode.teacher_steps=4 ode.shard_size=2 \
   logging.sample_every=1 logging.sample_steps=4
 step train_t2v_dmd "$PY" train.py --config $T2V_YAML run_dir="$R/dmd" model.path="$M/t2v" \
-  model.generator_init="$R/ode/model" data.prompt_path="$WORK/prompts.txt" "${SIZE[@]}" max_steps=3 grad_accum=2 \
+  model.generator_init="$R/ode/model" data.prompt_path="$WORK/prompts.txt" "$T2V_STORE" "${SIZE[@]}" max_steps=3 grad_accum=2 \
   dmd.dfake_gen_update_ratio=2 output_model="$R/dmd/model" logging.sample_every=2 logging.sample_steps=4
 step export_full_and_lora "$PY" -m distill.export --run "$R/dmd" --out "$R/export" \
   --lora "$R/export_lora_r64.safetensors" --lora-rank 64 --lora-min-numel 1000
@@ -141,20 +146,25 @@ step infer_t2v_fp8 infer --config "$C/t2v_distill_fp8.json" --model_path "$M/t2v
 
 # ---- I2V DMD from image/prompt pairs, then inference of its export ------------------------------------------
 step train_i2v_dmd "$PY" train.py --config configs/wan_distill/i2v_14b_480p_dmd.yaml run_dir="$R/i2v_dmd" \
-  model.path="$M/i2v" data.prompt_path="$WORK/i2v_pairs.jsonl" "${SIZE[@]}" max_steps=2 grad_accum=1 \
+  model.path="$M/i2v" data.prompt_path="$WORK/i2v_pairs.jsonl" "$I2V_STORE" "${SIZE[@]}" max_steps=2 grad_accum=1 \
   dmd.dfake_gen_update_ratio=1 output_model="$R/i2v_dmd/model" logging.sample_every=1 logging.sample_steps=4
 step infer_i2v_distill_export infer --config "$C/i2v_distill.json" --model_path "$R/i2v_dmd/model" \
   --image_path "$WORK/image1.png" --prompt "$P" --save_result_path "$O/i2v_distill.mp4"
 
 # ---- multi-process engines: accelerate launch, 2 gloo processes -------------------------------------------
-launch() {  # launch ACCEL_CONFIG RUN_DIR
-  "$PY" -m accelerate.commands.launch --config_file "$1" --num_processes 2 --num_machines 1 --mixed_precision no \
-    --main_process_port $((29500 + RANDOM % 1000)) train.py --config $T2V_YAML run_dir="$2" model.path="$M/t2v" \
-    data.prompt_path="$WORK/prompts.txt" "${SIZE[@]}" max_steps=2 grad_accum=1 dmd.dfake_gen_update_ratio=1 \
-    output_model="$2/model" logging.sample_every=2 logging.sample_steps=4
+launch() {  # launch ACCEL_CONFIG YAML MODEL PROMPTS STORE RUN_DIR [key=value ...]: 2 processes, as the YAML header
+  local accel=$1 yaml=$2 model=$3 prompts=$4 store=$5 run=$6; shift 6
+  "$PY" -m accelerate.commands.launch --config_file "$accel" --num_processes 2 --num_machines 1 \
+    --mixed_precision no --main_process_port $((29500 + RANDOM % 1000)) train.py --config "$yaml" "$@" \
+    run_dir="$run" model.path="$model" data.prompt_path="$prompts" "$store" "${SIZE[@]}" max_steps=2 \
+    grad_accum=1 dmd.dfake_gen_update_ratio=1 output_model="$run/model" logging.sample_every=2 logging.sample_steps=4
 }
-step accelerate_fsdp launch configs/accelerate/fsdp.yaml "$R/fsdp"
-step accelerate_zero2 launch configs/accelerate/zero2.yaml "$R/zero2"
+step accelerate_zero2_t2v_1.3b launch configs/accelerate/zero2.yaml $T2V_YAML "$M/t2v" "$WORK/prompts.txt" \
+  "$T2V_STORE" "$R/zero2"
+step accelerate_fsdp_offload_t2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/wan_distill/t2v_14b_dmd.yaml \
+  "$M/t2v_sharded" "$WORK/prompts.txt" data.text_store="$R/t2v_sharded_store" "$R/fsdp_t2v" distributed.cpu_offload=true
+step accelerate_fsdp_offload_i2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/wan_distill/i2v_14b_480p_dmd.yaml \
+  "$M/i2v" "$WORK/i2v_pairs.jsonl" "$I2V_STORE" "$R/fsdp_i2v" distributed.cpu_offload=true
 
 # ---- the server answers one request on the distilled mini model --------------------------------------------
 field() { "$PY" -c "import json, sys; d = json.load(sys.stdin); print(d.get('$1', d.get('${2:-$1}')))"; }
