@@ -45,7 +45,7 @@ MINI_DIT = dict(dim=64, ffn_dim=128, freq_dim=64, num_heads=2, num_layers=2, tex
 MINI_VAE = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
 MINI_UMT5 = dict(dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32)
 MINI_CLIP = dict(image_size=56, patch_size=14, dim=160, mlp_ratio=4, out_dim=32, num_heads=2, num_layers=2)
-MINI_VOCAB = 384
+MINI_VOCAB = 384  # an upper bound: the Unigram trainer keeps only the pieces the small corpus supports
 XLM_ROBERTA_DIR = "xlm-roberta-large"
 
 # Text the tokenizer vocabulary is trained on: the shapes-world words, common prompt words and the negative

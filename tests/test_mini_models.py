@@ -277,3 +277,66 @@ def test_quantized_dit_on_a_diffusers_folder_is_an_error(folders):
 def test_read_sharded_reads_transformers_names(folders):
     state = read_sharded(folders[("t2v", "diffusers")] / "text_encoder", "model.safetensors")
     assert "shared.weight" in state
+
+
+# ---- the 1.3B geometry and the GPU rehearsal's CPU logic ----------------------------------------------------
+
+def test_rehearsal_geometry_is_the_real_1_3b_dit_and_vae():
+    from models.mini import mini_configs
+    from models.registry import get_spec
+
+    cfg = mini_configs("t2v", "1.3b")
+    assert cfg["dit"] == get_spec("wan2.1-t2v-1.3b").dit and cfg["vae"] == {}
+    assert cfg["umt5"]["dim"] == cfg["dit"].get("text_dim", 4096) == 4096
+    with pytest.raises(ValueError, match="no I2V model of that size"):
+        mini_configs("i2v", "1.3b")
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        write_mini(Path("unused"), "t2v", geometry="14b")
+
+
+def test_peak_memory_records_a_script_run(tmp_path):
+    from scripts.peak_memory import main
+
+    script = tmp_path / "job.py"
+    script.write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
+    assert main(["--out", str(tmp_path / "r.json"), str(script), "--", "a", "b=1"]) == 3
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["args"] == ["a", "b=1"] and record["exit_code"] == 3
+    assert record["wall_s"] >= 0 and record["peak_host_rss_gib"] > 0
+
+
+def test_rehearsal_report_iteration_times_and_table(tmp_path):
+    from scripts.rehearsal_report import iteration_times, markdown, summarize
+
+    run = tmp_path / "runs" / "dmd"
+    run.mkdir(parents=True)
+    rows = [{"step": s, "time": t} for s, t in [(1, 100.0), (2, 102.0), (3, 103.0), (4, 113.0), (5, 114.5)]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert iteration_times(run / "metrics.jsonl") == {2: 2.0, 3: 1.0, 4: 10.0, 5: 1.5}
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "dmd.json").write_text(json.dumps(
+        {"wall_s": 20.0, "exit_code": 0, "peak_host_rss_gib": 1.0, "peak_cuda_allocated_gib": 30.0,
+         "peak_cuda_reserved_gib": 31.0}))
+    summary = summarize(tmp_path, skip_steps={4})  # step 4 also wrote samples
+    assert summary["dmd_iteration_median_s"] == 1.5 and summary["dmd_iteration_max_s"] == 2.0
+    assert "| dmd | 20.0 | 0 | 30.0 | 31.0 | 1.0 |" in markdown(summary)
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="at least two rows"):
+        iteration_times(run / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_gpu_rehearsal_script_runs_at_mini_geometry_on_cpu(tmp_path):
+    """scripts/gpu_rehearsal.sh with GEOMETRY=mini: every stage exits 0, the export generates, the report is written."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GEOMETRY": "mini", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(["bash", "scripts/gpu_rehearsal.sh", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "gpu_rehearsal_mini.json").read_text())
+    assert set(summary["stages"]) == {"make_model", "ode", "dmd", "infer_export"}
+    assert all(s["exit_code"] == 0 for s in summary["stages"].values())
+    assert len(summary["dmd_iteration_s"]) == 9 and (tmp_path / "export.mp4").stat().st_size > 0
