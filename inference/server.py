@@ -19,13 +19,20 @@ that runs them in order. Everything a request asks for is checked when it is sub
 field; paths and LoRA names: 400/404), so a queued task fails only for reasons that show up while running (an
 unreadable image, a LoRA that does not fit the model, out of memory): the task is marked failed with the message
 and the worker carries on. Cancelling a running task sets its flag, which the sampler polls before every
-denoising step (`inference.sampling.Cancelled`). Stopping the server cancels the running task, drops the queue
-and joins the worker.
+denoising step and a forward pre-hook checks in every attention / FFN / VAE block, so even one long step or decode
+stops within a layer. Stopping the server cancels the running task, drops the queue and joins the worker.
+
+Limits (`ServerLimits`, flags --max_frames, --max_pixels, --max_steps, --max_prompt_chars, --max_image_bytes,
+--max_body_bytes; defaults from the config): larger requests get 422 naming the limit, larger bodies 413. A
+`save_result_path` another task owns, or a file already there, is 409: each task has its own result file.
 
 Paths in requests are confined: `save_result_path` resolves inside --output_dir, `image_path` inside --input_dir and
-`lora_name` is a file name in --lora_dir; `..`, absolute paths elsewhere and symlinks that lead out are refused (400).
-Per-request LoRAs use the runtime (unmerged) path of `inference.lora`, so switching LoRAs needs no reload.
-The server has no authentication: it binds to 127.0.0.1 by default; put a proxy in front to expose it.
+`lora_name` is a file name in --lora_dir; `..`, absolute paths elsewhere and symlinks that lead out are refused (400);
+the image is checked again when the task opens it. `image_path` may also carry the image itself (base64 or a data
+URL, as LightX2V clients send it). Per-request LoRAs use the runtime (unmerged) path of `inference.lora`, so
+switching LoRAs needs no reload. Optional API key (--api_key or $STEPDISTILL_API_KEY): every route then needs
+`Authorization: Bearer <key>` or `X-API-Key: <key>`. It binds to 127.0.0.1 by default; binding elsewhere without a
+key prints a loud warning. docs/serving.md has the details.
 """
 
 from __future__ import annotations

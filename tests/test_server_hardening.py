@@ -342,8 +342,11 @@ def test_abuse_benchmark_holds_every_case(tmp_path, capsys):
     from benchmarks.load_server import main
 
     summary = main(["--config", "configs/tiny/t2v_distill_4step.json", "--abuse", "--out", str(tmp_path / "abuse")])
-    failed = [c for c in summary["cases"] if not c["held"]]
-    assert summary["held"] == summary["total"] >= 14 and not failed, failed
+    failed = [c for c in summary["cases"] if c["held"] is False]
+    assert summary["held"] == summary["total"] >= 13 and not failed, failed
+    # a distill run may end before the DELETE: only that case may go unmeasured, and then it says so
+    unmeasured = [c["case"] for c in summary["cases"] if c["held"] is None]
+    assert unmeasured in ([], ["cancel during a long run"]) and summary["not_measured"] == len(unmeasured)
     assert f"held {summary['total']} of {summary['total']}" in capsys.readouterr().out
     assert (tmp_path / "abuse.md").read_text().startswith("**held")
     assert summary["model"] == "checkpoints/tiny-t2v-distill-4step"  # no machine path in results files
