@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.checkpoint import CheckpointError
 from distill.config import TrainConfig, load_train_config, to_yaml
 
 
@@ -67,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         # The estimate is printed as YAML comments, so the output stays a loadable config.
         print("\n".join(f"# {line}" for line in table.splitlines()))
         return 0
-    out = trainer_for(cfg).train()
+    try:
+        trainer = trainer_for(cfg)
+    except CheckpointError as e:  # found before any model is built
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = trainer.train()
     if out is not None:
         print(f"model written to {out}")
     return 0

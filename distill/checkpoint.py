@@ -34,6 +34,10 @@ CHECKSUM = "xxh3_64"
 CHUNK = 16 * 2**20  # bytes read at a time when checksumming
 
 
+class CheckpointError(ValueError):
+    """The checkpoint to resume from is damaged, or none of the run's checkpoints is intact."""
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from distill.checkpoint import (
+    CheckpointError,
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
@@ -127,6 +128,7 @@ class Trainer:
             self.ckpt_dir.mkdir(exist_ok=True)  # a path that cannot be a folder fails here, before step 0
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.logger = MetricsLogger(self.run_dir, cfg, enabled=self.is_main)
+        self.resume_from = self.resume_path()  # checked before any model is built: a bad choice fails early
         self.build()
 
     # ---- to be provided by tasks ----------------------------------------------------------------------------
@@ -410,7 +412,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from a checkpoint (checkpoint.resume: auto = the newest intact one, or a path; never) and cut
         metrics.jsonl back to the resumed step, so the log equals that of an uninterrupted run."""
-        path = self.resume_path()
+        path = self.resume_from
         if path is None:
             self.logger.truncate(0)
             return
@@ -446,14 +448,14 @@ class Trainer:
         if mode != "auto":
             reason = verify_checkpoint(mode)
             if reason is not None:
-                raise ValueError(f"checkpoint.resume={mode}: not an intact checkpoint: {reason}")
+                raise CheckpointError(f"checkpoint.resume={mode}: not an intact checkpoint: {reason}")
             return Path(mode)
         path, skipped = resume_candidate(self.ckpt_dir)
         for bad, why in skipped:
             then = f"falling back to {path.name}" if path else "no intact checkpoint is left"
             self.logger.event(checkpoint_step(bad), f"checkpoint {bad} is not usable ({why}); {then}")
         if path is None and skipped:
-            raise RuntimeError(f"no intact checkpoint in {self.ckpt_dir}: "
+            raise CheckpointError(f"no intact checkpoint in {self.ckpt_dir}: "
                                + "; ".join(f"{p.name}: {why}" for p, why in skipped)
                                + ". Set checkpoint.resume=never to start the run again from step 0.")
         return path

@@ -18,7 +18,14 @@ import yaml
 from safetensors.torch import load_file
 
 import distill.checkpoint as checkpoint
-from distill.checkpoint import MANIFEST, file_checksum, list_checkpoints, save_checkpoint, verify_checkpoint
+from distill.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    file_checksum,
+    list_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from distill.config import load_train_config
 from distill.trainer import MAX_NONFINITE, NonFiniteLossError
 from tests.trainer_util import (
@@ -152,17 +159,19 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(tmp_path, one_thr
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
 
 
-def test_resume_without_any_intact_checkpoint_is_an_error_naming_each(tmp_path, one_thread):
+def test_resume_without_any_intact_checkpoint_is_an_error_naming_each(tmp_path, one_thread, capsys, tiny_t2v_dir):
     run = tmp_path / "run"
     train(pretrain_cfg(run, "max_steps=2", "checkpoint.every=1"))
     for ckpt in list_checkpoints(run / "checkpoints"):
         (ckpt / "optim.pt").unlink()
-    with pytest.raises(RuntimeError, match=r"no intact checkpoint .*step_00000002: optim\.pt is missing; "
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step_00000002: optim\.pt is missing; "
                                            r"step_00000001: optim\.pt is missing.*checkpoint\.resume=never"):
-        trainer_for(pretrain_cfg(run, "max_steps=3")).train()
+        trainer_for(pretrain_cfg(run, "max_steps=3"))  # before any model is built
     bad = run / "checkpoints" / "step_00000002"
-    with pytest.raises(ValueError, match=r"checkpoint\.resume=.*step_00000002: not an intact checkpoint: optim"):
-        trainer_for(pretrain_cfg(run, "max_steps=3", f"checkpoint.resume={bad}")).train()
+    with pytest.raises(CheckpointError, match=r"checkpoint\.resume=.*step_00000002: not an intact checkpoint: optim"):
+        trainer_for(pretrain_cfg(run, "max_steps=3", f"checkpoint.resume={bad}"))
+    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", f"run_dir={run}", f"model.path={tiny_t2v_dir}"],
+           "step_00000001: optim.pt is missing")
 
 
 # ---- 3. metrics.jsonl of a killed and resumed run ----------------------------------------------------------------
