@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,6 +140,9 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
     comps = load_any_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
                             dit_ckpt=dit_ckpt, dtype=dtype, device=home, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
+    if cfg.text_len is not None and cfg.text_len != comps.dit.text_len:  # accepted, not honoured: say so
+        warnings.warn(f"text_len {cfg.text_len} in the inference config is not used: the DiT's config.json decides "
+                      f"({comps.dit.text_len} tokens)", stacklevel=2)
     if cfg.use_tiling_vae:
         enable_vae_tiling(comps.vae, cfg.vae_tile_size, cfg.vae_tile_overlap)
     stages = _place_components(cfg, comps, device, offloads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
@@ -375,3 +376,14 @@ def test_webui_cli_takes_lightx2v_flags(tmp_path, t2v_config, capsys):
     assert args.config == str(t2v_config) and args.model_cls == "wan2.1"
     assert webui.main(["--config_json", str(t2v_config), "--model_cls", "wan2.1_vace"]) == 2
     assert "model_cls 'wan2.1_vace'" in capsys.readouterr().err
+
+
+def test_text_len_that_the_dit_overrides_warns(tmp_path, tiny_t2v_dir, write_config):
+    """text_len is accepted (LightX2V configs carry it) but the DiT's config.json decides: a different value warns."""
+    config = write_config(tmp_path / "c.json", model_path=str(tiny_t2v_dir), text_len=999)
+    with pytest.warns(UserWarning, match=r"text_len 999 in the inference config is not used"):
+        pipe = load_pipeline(config)
+    same = write_config(tmp_path / "same.json", model_path=str(tiny_t2v_dir), text_len=pipe.dit.text_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pipeline(same)
