@@ -18,8 +18,9 @@ Where the numbers come from:
   every rank holds all weights. Ulysses' all-to-all buffers are one q/k/v-sized tensor, inside the traced peak's
   rounding; not modelled further.
 - stages: text encoding, (I2V) image encoding, denoising, VAE decode. Without offload every network stays on the
-  device; with offload umT5, CLIP and the VAE visit the device for their stage only (t5/clip/vae_cpu_offload) and
-  the VAE decodes in tiles (use_tiling_vae). The peak is the largest stage.
+  device; with offload umT5, CLIP and the VAE visit the device for their stage only (t5/clip/vae_cpu_offload), the
+  VAE works in tiles (use_tiling_vae) and the DiT's units are on the device during denoising only (`release()`).
+  The peak is the largest stage.
 - host RAM per GPU: what rests on the host (offloaded blocks, pinned; umT5, CLIP, VAE); with lazy_load only the
   units in flight of the DiT (`host_lazy`).
 
@@ -219,6 +220,26 @@ def vae_decode_peak(frames: int, height: int, width: int, tile: int | None = 48,
     return p3 + (f - 3) * (p3 - p2)
 
 
+@functools.lru_cache(maxsize=32)
+def vae_encode_peak(frames: int, height: int, width: int, tile: int | None = 48, overlap: int = 16) -> int:
+    """Peak live bytes of Wan's I2V conditioning encode: the real-size VAE (fp32) encoding [image, zeros...] of
+    `frames` frames, tiled or not; affine in the 4-frame chunks like the decode, traced at 5 and 9 frames."""
+    from models.vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE()
+    if tile is not None:
+        vae.enable_tiling(tile, overlap)
+
+    def peak(n: int) -> int:
+        return traced_peak(vae, lambda: ((torch.zeros(1, 3, n, height, width, device="meta"),), {}), "encode")
+
+    if frames <= 9:
+        return peak(frames)
+    p5, p9 = peak(5), peak(9)
+    return p9 + ((frames - 9) // 4) * (p9 - p5)
+
+
 @functools.lru_cache(maxsize=8)
 def text_encoder_peak(spec: str, batch: int = 2) -> int:
     """Peak live bytes of umT5 encoding `batch` prompts of text_len tokens (bf16 weights)."""
@@ -275,21 +296,25 @@ def estimate(model: str, resolution: str, dtype: str = "bf16", offload: str = "n
     grid = (1 + (frames - 1) // 4, height // 8, width // 8)
     act = dit_activation_peak(config_json, grid, batch, sp)
     unit = {"block": w.block, "phase": w.phase}.get(offload, 0)
-    dit_resident = w.total if offload == "none" else w.outside + UNITS_IN_FLIGHT * unit
-    always = dit_resident + (sum(enc.values()) if offload == "none" else 0)  # on the device all the time
-    vae_act = vae_decode_peak(frames, height, width, None if offload == "none" else 48)
-    stage_extra = {  # what each stage adds to `always`
-        "text encoding": text_encoder_peak(spec.name) + (0 if offload == "none" else enc["text_encoder"]),
-        "denoising": act,
-        "VAE decode": vae_act + (0 if offload == "none" else enc["vae"]),
-    }
+    resident = offload == "none"
+    # on the device through every stage: everything (no offload), or the DiT's parts outside the blocks (the units
+    # come in during denoising and are released after it)
+    base = w.total + sum(enc.values()) if resident else w.outside
+    tile = None if resident else 48
+    visit = lambda *names: 0 if resident else sum(enc[n] for n in names)  # noqa: E731  offloaded weights
+    stage_extra = {"text encoding": text_encoder_peak(spec.name) + visit("text_encoder")}
+    if spec.image_encoder is not None:
+        stage_extra["image encoding"] = vae_encode_peak(frames, height, width, tile) + visit("image_encoder", "vae")
+    stage_extra["denoising"] = act + (0 if resident else UNITS_IN_FLIGHT * unit)
+    stage_extra["VAE decode"] = vae_decode_peak(frames, height, width, tile) + visit("vae")
+    dit_resident = w.total if resident else w.outside + UNITS_IN_FLIGHT * unit
     dev = {"DiT weights on device": dit_resident / GB, "DiT activations (peak)": act / GB,
-           "encoders resident": (sum(enc.values()) if offload == "none" else 0) / GB}
-    dev.update({f"stage: {k}": (always + v) / GB for k, v in stage_extra.items()})
+           "encoders resident": (sum(enc.values()) if resident else 0) / GB}
+    dev.update({f"stage: {k}": (base + v) / GB for k, v in stage_extra.items()})
     dev["peak"] = max(v for k, v in dev.items() if k.startswith("stage: "))
-    resting = sum(enc.values()) if offload != "none" else 0
-    host = (resting + (w.total - w.outside if offload != "none" else 0)) / GB
-    host_lazy = (resting + (2 * unit if offload != "none" else 0)) / GB  # units being staged (pinned)
+    resting = 0 if resident else sum(enc.values())
+    host = (resting + (0 if resident else w.total - w.outside)) / GB
+    host_lazy = (resting + (0 if resident else 2 * unit)) / GB  # units being staged (pinned)
     return InferPlan(model, resolution, dtype, offload, gpus, cfg_p, sp, dev, host, host_lazy)
 
 

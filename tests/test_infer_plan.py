@@ -142,9 +142,30 @@ def test_bad_offload_or_dtype_is_an_error():
 
 
 # ---- the table ------------------------------------------------------------------------------------------
-def test_table_has_every_combination(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "vae_decode_peak", lambda *a, **k: 3 * plan.GB)  # the VAE traces take a minute
+@pytest.fixture
+def quick_stages(monkeypatch):
+    """The VAE traces at real size take a minute: constants for the table's format and the stage bookkeeping."""
+    monkeypatch.setattr(plan, "vae_decode_peak", lambda *a, **k: 3 * plan.GB)
+    monkeypatch.setattr(plan, "vae_encode_peak", lambda *a, **k: 2 * plan.GB)
     monkeypatch.setattr(plan, "text_encoder_peak", lambda *a, **k: plan.GB // 2)
+
+
+def test_stages_hold_what_is_on_the_device_then(quick_stages):
+    w = plan.dit_weights(json.dumps(get_spec("wan2.1-i2v-14b-480p").dit, sort_keys=True), "bf16")
+    text_p, clip_p, vae_p = plan._encoder_params("wan2.1-i2v-14b-480p")
+    block, phase = (plan.estimate("I2V-14B", "480p", "bf16", off).device for off in ("block", "phase"))
+    # DiT units only while denoising; the encoders visit for their stage
+    assert block["stage: text encoding"] == phase["stage: text encoding"]
+    assert block["stage: text encoding"] == pytest.approx((w.outside + 2 * text_p) / plan.GB + 0.5)
+    assert block["stage: image encoding"] == pytest.approx((w.outside + 2 * clip_p + 4 * vae_p) / plan.GB + 2)
+    assert block["stage: denoising"] - phase["stage: denoising"] == pytest.approx(3 * (w.block - w.phase) / plan.GB)
+    none = plan.estimate("I2V-14B", "480p", "bf16", "none").device
+    resident = (w.total + 2 * text_p + 2 * clip_p + 4 * vae_p) / plan.GB
+    assert none["stage: VAE decode"] == pytest.approx(resident + 3)
+    assert "stage: image encoding" not in plan.estimate("14B", "480p", "bf16", "none").device
+
+
+def test_table_has_every_combination(quick_stages, capsys):
     plan.main(["--table", "--gpu-mem", "24"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r][1:]
     assert len(rows) == 3 * 2 * 2 * 3 * 4
