@@ -172,7 +172,7 @@ def markdown(r: dict) -> str:
             f"Prompt store, tiny umT5 (dim {e['dim']}, byte tokenizer), {e['prompts']:,} prompts: "
             f"{e['prompts_per_s']:.0f} prompts/s, {e['bytes_per_prompt']:.0f} bytes per prompt "
             f"({e['mean_tokens']:.1f} tokens x {e['dim']} x bf16 + offsets), {e['store_bytes'] / 1e6:.0f} MB.", "",
-            f"| trainer RSS (MB) | step 0 | step {steps} | of which mapped files at step {steps} |",
+            f"| trainer RSS (MB) | step 0 | step {steps} | of which file-backed at step {steps} |",
             "|---|---|---|---|"]
     for case in (small, big):
         rows.append(f"| {case['prompts']:,} prompts | {case['step0']['VmRSS']:.0f} | "

@@ -14,8 +14,9 @@ Layout of `data.text_store` (a folder):
 The list is the training prompts in source order followed by the negative prompt (the teacher's CFG uncond), so
 the trainer addresses rows by index. The key: a fingerprint of the encoder and tokenizer files (sizes and sampled
 bytes: cheap even for umT5-XXL), `text_len`, the dtype, the chunk size and a digest of the prompt list; a store
-written under another key is an error naming what differs. The trainer opens the chunks memory-mapped
-(`PromptStore`) and keeps only the offsets in RAM; `rows()` pads a batch to `text_len`.
+written under another key is an error naming what differs. The trainer (`PromptStore`) keeps only each
+prompt's start and length in RAM and reads a batch's rows from the chunk files when it is drawn (positional reads
+of exactly those bytes); `rows()` pads a batch to `text_len`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from models.loading import write_safetensors
 INDEX = "index.json"
 LENGTHS = "lengths.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SAMPLE_BLOCKS, BLOCK_BYTES = 16, 1 << 16  # fingerprint: 16 evenly spaced 64 KiB blocks per file, plus the size
 
 
@@ -151,12 +153,16 @@ def check_key(folder: Path, key: StoreKey) -> bool:
 def encode_chunk(text_encoder, prompts: Sequence[str], text_len: int, dtype: torch.dtype,
                  micro_batch: int) -> dict[str, Tensor]:
     """{"emb": [sum L_i, dim] in `dtype` (trimmed, concatenated), "offsets": [n + 1] int64} of one chunk,
-    encoded `micro_batch` prompts per forward on the encoder's device."""
-    embs = []
-    for i in range(0, len(prompts), micro_batch):
-        ids, mask = text_encoder.tokenizer(list(prompts[i:i + micro_batch]), text_len)
+    encoded `micro_batch` prompts per forward on the encoder's device. Forwards take the prompts in order of
+    length (a micro-batch pads to its longest prompt: sorting wastes less); the rows keep the list's order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    embs: list[Tensor | None] = [None] * len(prompts)
+    for a in range(0, len(order), micro_batch):
+        rows = order[a:a + micro_batch]
+        ids, mask = text_encoder.tokenizer([prompts[i] for i in rows], text_len)
         out = text_encoder.model(ids.to(text_encoder.device), mask.to(text_encoder.device))
-        embs += [e[:n].to(dtype).cpu() for e, n in zip(out, mask.sum(dim=1).tolist(), strict=True)]
+        for i, e, n in zip(rows, out, mask.sum(dim=1).tolist(), strict=True):
+            embs[i] = e[:n].to(dtype).cpu()
     lengths = torch.tensor([0] + [len(e) for e in embs], dtype=torch.int64)
     return {"emb": torch.cat(embs), "offsets": lengths.cumsum(0)}
 
@@ -205,8 +211,8 @@ def write_lengths(folder: Path, key: StoreKey) -> None:
 
 
 class PromptStore:
-    """Rows of a complete store, read memory-mapped per batch. In RAM: a start and a length per prompt (12 bytes);
-    a chunk file is mapped when a batch first reads from it."""
+    """Rows of a complete store, read from disk per batch. In RAM: a start and a length per prompt (12 bytes) and
+    one header per chunk; each row is one positional read (the OS page cache keeps hot rows, outside the RSS)."""
 
     def __init__(self, folder: str | Path, key: StoreKey) -> None:
         self.folder = Path(folder)
@@ -214,27 +220,43 @@ class PromptStore:
             raise FileNotFoundError(f"prompt store {self.folder} is incomplete (no {INDEX}): run "
                                     f"python -m distill.encode_prompts --config <train yaml> first")
         self.key, self.text_len = key, key.text_len
-        self._files: dict[int, object] = {}  # chunk files, opened (mapped) when first read
+        self._chunks: dict[int, tuple[Path, int, int, torch.dtype]] = {}  # chunk headers, read when first used
         with safe_open(str(self.folder / LENGTHS), "pt") as f:
             self.lengths = f.get_tensor("lengths").numpy()
         # start of each prompt's rows within its chunk: cumulative lengths restarting at every chunk
         first = np.cumsum(self.lengths, dtype=np.int64) - self.lengths  # global row of each prompt's first token
         self.starts = first - first[np.arange(len(first)) // key.chunk_size * key.chunk_size]
-        self.dim = self._file(0).get_slice("emb").get_shape()[1]
+        self.dim = self._chunk(0)[2]
         self.negative_row = key.num_prompts - 1
 
-    def _file(self, c: int):
-        if c not in self._files:  # safe_open maps the file; slices read only the rows asked for
-            self._files[c] = safe_open(str(chunk_path(self.folder, c)), "pt")
-        return self._files[c]
+    def _chunk(self, c: int) -> tuple[Path, int, int, torch.dtype]:
+        """(path, byte offset of `emb`, dim, dtype) of chunk c, from its safetensors header (read once)."""
+        if c not in self._chunks:
+            path = chunk_path(self.folder, c)
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                entry = json.loads(f.read(size))["emb"]
+            self._chunks[c] = (path, 8 + size + entry["data_offsets"][0], entry["shape"][1],
+                               SAFETENSORS_DTYPES[entry["dtype"]])
+        return self._chunks[c]
 
     def __len__(self) -> int:
         return self.key.num_prompts
 
     def embedding(self, i: int) -> Tensor:
-        """Prompt i's trimmed embedding [L_i, dim] in the store dtype."""
-        a = int(self.starts[i])
-        return self._file(i // self.key.chunk_size).get_slice("emb")[a:a + int(self.lengths[i])]
+        """Prompt i's trimmed embedding [L_i, dim] in the store dtype: one positional read of exactly its bytes
+        (a mapped file would leave every page it touched, and the kernel's read-around, in this process's RSS)."""
+        path, offset, dim, dtype = self._chunk(int(i) // self.key.chunk_size)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        n = int(self.lengths[i]) * dim * itemsize
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, n, offset + int(self.starts[i]) * dim * itemsize)
+        finally:
+            os.close(fd)
+        if len(data) != n:
+            raise ValueError(f"prompt store {path} is truncated: prompt {i} needs {n} bytes, read {len(data)}")
+        return torch.frombuffer(bytearray(data), dtype=dtype).view(-1, dim)
 
     def rows(self, index: Sequence[int]) -> Tensor:
         """[B, text_len, dim] fp32: rows `index` zero-padded to text_len (what the DiT pads to anyway)."""

@@ -229,3 +229,12 @@ def test_pairs_source_errors_name_the_problem(tmp_path):
     (tmp_path / "p.txt").write_text("x\n")
     with pytest.raises(ValueError, match="I2V pairs need"):
         load_pairs(tmp_path / "p.txt")
+
+
+def test_encode_command_rejects_a_config_without_a_store(tmp_path, tiny_t2v_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        ep.main(["--config", str(REPO / "configs/tiny/t2v_dmd.yaml"), f"model.path={tiny_t2v_dir}"])
+    assert e.value.code == 2 and "data.text_store" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="data.text_store_dtype must be one of"):
+        load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", [f"model.path={tiny_t2v_dir}",
+                                                                "data.text_store_dtype=int8"])
