@@ -371,24 +371,38 @@ def load_dit_lazy(folder: str | Path, distill: bool = False, explicit: str | Non
 
 # ---- text encoder, CLIP, VAE --------------------------------------------------------------------
 class ComponentOffload:
-    """Components that rest on the host and visit `device` for their stage only (`with offload.stage(name)`)."""
+    """Components that rest on the host and visit `device` for their stage only (`with offload.stage(name)`).
+
+    Like the DiT's units: every tensor gets a host copy (pinned on CUDA) and only `.data` moves, so leaving a stage
+    copies nothing back (inference never writes weights) and the modules keep their identity."""
 
     def __init__(self, device: torch.device | str, modules: dict[str, nn.Module]) -> None:
         self.device = torch.device(device)
         self.modules = modules
-        for module in modules.values():
-            module.to("cpu")
+        self.units = {name: _module_unit(name, module, self.device) for name, module in modules.items()}
 
     @contextlib.contextmanager
     def stage(self, *names: str) -> Iterator[None]:
-        """Move the named components (those managed here; others are ignored) to the device, then back."""
-        moved = [self.modules[n] for n in names if n in self.modules]
-        for module in moved:
-            module.to(self.device)
+        """Put the named components (those managed here; others are ignored) on the device, then back."""
+        units = [self.units[n] for n in names if n in self.units]
+        for unit in units:
+            unit.activate(self.device, lambda slot: slot.home)
         try:
             yield
         finally:
-            for module in moved:
-                module.to("cpu")
-            if moved and self.device.type == "cuda":
+            for unit in units:
+                unit.drop()
+            if units and self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _module_unit(name: str, module: nn.Module, device: torch.device) -> _Unit:
+    """One unit holding every parameter and buffer of `module`, resting in host copies."""
+    slots = []
+    for sub, t in [*module.named_parameters(), *module.named_buffers()]:
+        owner_name, _, attr = sub.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        slot = _Slot(sub, owner, attr, owner._parameters.get(attr), _host_copy(t, device))
+        slot.set(slot.home)
+        slots.append(slot)
+    return _Unit(name, slots)

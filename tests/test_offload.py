@@ -267,6 +267,22 @@ def test_pipeline_with_every_offload_equals_the_resident_pipeline(task, tiny_t2v
     assert not any(u.active for u in offloader(pipe.dit).units)  # released after the denoising stage
 
 
+def test_component_offload_keeps_the_modules_and_ignores_other_stages():
+    from inference.offload import ComponentOffload
+
+    torch.manual_seed(0)
+    vae, text = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    weight, x = vae.weight, torch.randn(2, 4)
+    ref = vae(x)
+    co = ComponentOffload("cpu", {"vae": vae})
+    with co.stage("vae", "image_encoder"):  # image_encoder is not managed here: nothing happens to it
+        assert co.units["vae"].active
+        torch.testing.assert_close(vae(x), ref, **TOL)
+        assert text.weight.device.type == "cpu"
+    assert not co.units["vae"].active and vae.weight is weight  # the same Parameter, back on its host copy
+    assert [s.key for s in co.units["vae"].slots] == ["weight", "bias"]
+
+
 def test_config_rules_of_the_offload_keys(make_config):
     with pytest.raises(ValueError, match="offload_granularity must be one of"):
         make_config(cpu_offload=True, offload_granularity="layer")
