@@ -116,13 +116,14 @@ class Trainer:
         check_weight_files(cfg)
         self.step = 0
         self.pending: dict[str, tuple[torch.Tensor | float, int]] = {}  # metric sums and counts since the last row
-        self.nonfinite: dict[str, int] = {}  # consecutive non-finite losses, per loss (generator, critic, ...)
+        self.nonfinite: dict[str, int] = {}  # consecutive skipped updates, per loss and per network's update
         self.networks: dict[str, nn.Module] = {}  # trainable networks saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}  # e.g. EMA, by name -> object with state_dict/load_state_dict
         self.trainable_only = False  # checkpoints keep only parameters that train (LoRA mode: the adapters)
         self.step_flags: Metrics = {}  # metrics set outside train_step (skipped updates), merged into the step's
         self.sample_images: list | None = None  # I2V sample conditioning images, resolved before step 0
+        self.sampling_modules: dict[str, nn.Module] = {}  # VAE / image encoder copies on the training device
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)  # a path that cannot be a folder fails here, before step 0
@@ -176,10 +177,9 @@ class Trainer:
         tensors = [*module.parameters(), *module.buffers()]
         if not tensors or all(t.device == self.device for t in tensors):
             return module
-        cache = self.__dict__.setdefault("_sampling_modules", {})
-        if name not in cache:
-            cache[name] = copy.deepcopy(module).to(self.device)
-        return cache[name]
+        if name not in self.sampling_modules:
+            self.sampling_modules[name] = copy.deepcopy(module).to(self.device)
+        return self.sampling_modules[name]
 
     def sample_conditioning_images(self) -> list:
         """One uint8 [H, W, 3] image per sample prompt (I2V), resolved once: `logging.sample_images` when given;
