@@ -150,15 +150,19 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def test_sharded_encode_with_two_processes_equals_one(tmp_path, tiny_t2v_dir):
+def test_sharded_encode_with_two_processes_equals_one(tmp_path, tiny_t2v_dir, one_thread):
+    """torchrun with 2 (gloo) processes, chunks split between the ranks, against this process alone."""
     config = str(REPO / "configs/tiny/t2v_dmd.yaml")
     stores = {}
     for nproc in (1, 2):
         (tmp_path / f"p{nproc}").mkdir()
-        args = ["--config", config, *store_config(tmp_path / f"p{nproc}", tiny_t2v_dir)]
-        run_encode(args, nproc, tmp_path)
-        cfg = load_train_config(config, args[2:])
+        overrides = store_config(tmp_path / f"p{nproc}", tiny_t2v_dir)
+        cfg = load_train_config(config, overrides)
         prompts = ep.store_prompts(cfg)
+        if nproc == 1:
+            ep.main(["--config", config, *overrides])
+        else:
+            run_encode(["--config", config, *overrides], nproc, tmp_path)
         stores[nproc] = PromptStore(cfg.data.text_store, ep.config_key(cfg, prompts, ep.text_len_of(cfg)))
     one, two = stores[1], stores[2]
     assert len(one) == len(two) == len(PROMPTS) - 1  # 18 prompts + the negative, chunks of 4 over 2 ranks
