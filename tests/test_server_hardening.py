@@ -350,3 +350,38 @@ def test_abuse_benchmark_holds_every_case(tmp_path, capsys):
     assert f"held {summary['total']} of {summary['total']}" in capsys.readouterr().out
     assert (tmp_path / "abuse.md").read_text().startswith("**held")
     assert summary["model"] == "checkpoints/tiny-t2v-distill-4step"  # no machine path in results files
+
+
+def test_sigterm_during_a_long_run_exits_in_seconds(tmp_path):
+    """The issue's probe: `python -m inference.server` with a long task running, then SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", "configs/tiny/t2v_teacher.json",
+                             "--port", "0", "--output_dir", str(tmp_path), "--max_steps", "1000",
+                             "--log_level", "info"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # uvicorn announces the port it bound
+            if m := re.search(r"Uvicorn running on (http://\S+)", line):
+                url = m.group(1)
+                break
+        assert url, "the server did not start"
+        with httpx.Client(base_url=url, timeout=30) as client:
+            task = client.post("/v1/tasks/video/", json={"prompt": PROMPT, "infer_steps": 1000}).json()["task_id"]
+            while client.get(f"/v1/tasks/{task}/status").json()["progress"]["step"] < 1:
+                time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: exit status -SIGTERM (or 0 on older ones)
+    assert rc in (0, -signal.SIGTERM) and took < 5, (rc, took, rest[-2000:])
+    assert "Application shutdown complete" in rest
+    assert "did not stop" not in rest and "Traceback" not in rest, rest[-2000:]
