@@ -8,8 +8,12 @@
         --save_result_path out.mp4
     python infer.py --config configs/tiny/t2v_distill_4step.json --lora_path my_lora.safetensors \
         --lora_strength 0.8 --prompt "..." --save_result_path out.mp4
+    # LightX2V's flags: --config_json, --model_cls (wan2.1 | wan2.1_distill)
+    python infer.py --model_cls wan2.1_distill --config_json configs/distill/wan_t2v_distill_4step_cfg.json \
+        --model_path /data/Wan2.1-T2V-14B --prompt "..." --save_result_path out.mp4
 
-The result format follows the extension: .mp4 (H.264), .gif, .npy (raw uint8 [F,H,W,3], lossless).
+The result format follows the extension: .mp4 (H.264), .gif, .npy (raw uint8 [F,H,W,3], lossless). Every input is
+checked before torch or a network loads, and each error names what is wrong (docs/serving.md lists the checks).
 """
 
 from __future__ import annotations
