@@ -219,12 +219,12 @@ class DMDTrainer(Trainer):
             state = {k: (v := state.pop(k)).to(device, dtype if v.is_floating_point() else None) for k in list(state)}
             return load_into(build_dit(gen.config, "meta"), state, "gathered generator").eval().requires_grad_(False)
         if self.cfg.lora.enabled:
-            model = merged(gen, self.ema.state_dict() if ema else None)
-        else:
-            model = copy.deepcopy(gen)
-            if ema:
-                self.ema.copy_to(model)
-        return model.to(device, dtype).eval().requires_grad_(False)
+            return merged(gen, self.ema.state_dict() if ema else None).to(device, dtype).eval().requires_grad_(False)
+        # built tensor by tensor in the target dtype (no full fp32 copy of the generator on the device first)
+        state = {**gen.state_dict(), **(self.ema.state_dict() if ema else {})}
+        state = {k: v.detach().to(device, dtype if v.is_floating_point() else None, copy=True)
+                 for k, v in state.items()}
+        return load_into(build_dit(gen.config, "meta"), state, "generator").eval().requires_grad_(False)
 
     def infer_config(self) -> InferConfig:
         cfg = self.cfg
