@@ -311,9 +311,15 @@ def _encoder_params(spec: str) -> tuple[int, int, int]:
 
 
 def image_encoder_params(cfg: TrainConfig) -> int:
-    """CLIP + VAE parameters for an I2V spec, 0 for T2V."""
-    _, clip, vae = _encoder_params(cfg.model.spec)
-    return clip + vae if clip else 0
+    """CLIP + VAE parameters for an I2V DiT (model.path's config.json, else model.spec), 0 for T2V; a T2V spec
+    name with an I2V folder counts the I2V components of its family (tiny or Wan2.1)."""
+    if dit_config(cfg)["model_type"] not in ("i2v", "flf2v"):
+        return 0
+    spec = cfg.model.spec
+    if not get_spec(spec).image_encoder:
+        spec = "tiny-i2v" if spec.startswith("tiny") else "wan2.1-i2v-14b-480p"
+    _, clip, vae = _encoder_params(spec)
+    return clip + vae
 
 
 def prompt_count(cfg: TrainConfig) -> tuple[int, bool]:

@@ -169,3 +169,6 @@ def test_host_ram_items():
     i2v = estimate(load_train_config(REPO / "configs/wan_distill/i2v_14b_480p_dmd.yaml"), "fsdp", 8, offload=True)
     assert 2.5 < i2v.memory["I2V encoders (CLIP + VAE, fp32)"] < 3.0
     assert "I2V encoders (CLIP + VAE, fp32)" not in fsdp.memory
+    # an I2V teacher folder under the default (T2V) spec name: the I2V components of its family
+    tiny = estimate(load_train_config(REPO / "configs/tiny/i2v_dmd.yaml"))
+    assert 0 < tiny.memory["I2V encoders (CLIP + VAE, fp32)"] < 0.01
