@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainConfig, load_train_config, to_yaml
@@ -48,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, args.overrides)
         if not args.dry_run:  # inputs that would otherwise fail after the models are built
-            from distill.trainer import check_run_dir, check_weight_files
+            from distill.trainer import preflight
 
-            check_run_dir(Path(cfg.run_dir))
-            check_weight_files(cfg)
+            preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

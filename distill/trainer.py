@@ -47,6 +47,15 @@ class NonFiniteLossError(RuntimeError):
     """MAX_NONFINITE updates in a row were skipped (non-finite losses, or non-finite / exploding updates)."""
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """The input checks that need no model: run directory, DiT weight files, sample image files."""
+    check_run_dir(Path(cfg.run_dir))
+    check_weight_files(cfg)
+    missing = [p for p in cfg.logging.sample_images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"logging.sample_images: image not found: {', '.join(missing)}")
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Fail before any model work if the run directory or its checkpoint folder cannot be folders."""
     for path in (run_dir, run_dir / "checkpoints"):
@@ -112,8 +121,7 @@ class Trainer:
                                       cfg.distributed.cpu_offload)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        check_run_dir(self.run_dir)
-        check_weight_files(cfg)
+        preflight(cfg)
         self.step = 0
         self.pending: dict[str, tuple[torch.Tensor | float, int]] = {}  # metric sums and counts since the last row
         self.nonfinite: dict[str, int] = {}  # consecutive skipped updates, per loss and per network's update

@@ -83,7 +83,8 @@ def test_sample_pipeline_is_built_on_the_training_device_and_dtype(task, tmp_pat
 
 
 def test_fp32_training_samples_in_fp32(tmp_path, one_thread, tiny_t2v_dir, recorder):
-    trainer = trainer_for(dmd_cfg(tmp_path / "run", tiny_t2v_dir, "max_steps=1", f"logging.sample_prompts=['{PROMPT}']"))
+    cfg = dmd_cfg(tmp_path / "run", tiny_t2v_dir, "max_steps=1", f"logging.sample_prompts=['{PROMPT}']")
+    trainer = trainer_for(cfg)
     trainer.sample(1)
     assert recorder.built[-1].dtype == torch.float32
     assert _module_where(recorder.built[-1].dit) == {("cpu", torch.float32)}
@@ -153,8 +154,14 @@ def test_bad_sample_images_fail_before_step_0(tmp_path, one_thread, tiny_i2v_dir
     run = tmp_path / "run"
     cfg = _i2v_cfg(run, tiny_i2v_dir, "max_steps=1", f"logging.sample_prompts=['{PROMPT}']",
                    f"logging.sample_images=['{tmp_path / 'missing.png'}']")
+    with pytest.raises(FileNotFoundError, match=r"logging\.sample_images: image not found: .*missing\.png"):
+        trainer_for(cfg)  # before any model is built
+    assert not (run / "metrics.jsonl").exists()
+    (tmp_path / "not_an_image.png").write_text("text")  # exists, unreadable: fails when read, before step 0
+    cfg = _i2v_cfg(run, tiny_i2v_dir, "max_steps=1", f"logging.sample_prompts=['{PROMPT}']",
+                   f"logging.sample_images=['{tmp_path / 'not_an_image.png'}']")
     trainer = trainer_for(cfg)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(ValueError, match="cannot read .*not_an_image.png as an image"):
         trainer.train()
     assert trainer.step == 0 and not list((run / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"one image per logging\.sample_prompts entry: got 2 images for 1 prompts"):
