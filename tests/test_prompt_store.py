@@ -242,3 +242,28 @@ def test_encode_command_rejects_a_config_without_a_store(tmp_path, tiny_t2v_dir,
     with pytest.raises(ValueError, match="data.text_store_dtype must be one of"):
         load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", [f"model.path={tiny_t2v_dir}",
                                                                 "data.text_store_dtype=int8"])
+
+
+def test_store_from_an_official_layout_folder_with_the_real_config(tmp_path, one_thread):
+    """The real 1.3B config as shipped (only model.path, data paths and sizes overridden) on a mini folder in the
+    official layout: umT5 weights file and google/umt5-xxl tokenizer fingerprinted, Wan's negative prompt last."""
+    from inference.config import WAN_NEGATIVE_PROMPT
+    from models.mini import write_mini
+
+    folder = write_mini(tmp_path / "mini", "t2v", "official")
+    (tmp_path / "p.txt").write_text("a cat on a skateboard\na drone shot of waves\n")
+    overrides = [f"model.path={folder}", f"data.prompt_path={tmp_path}/p.txt", f"data.text_store={tmp_path}/store",
+                 "data.num_frames=5", "data.height=32", "data.width=32"]
+    config = str(REPO / "configs/wan_distill/t2v_1.3b_dmd.yaml")
+    assert ep.main(["--config", config, *overrides]) == 0
+    cfg = load_train_config(config, overrides)
+    prompts = ep.store_prompts(cfg)
+    assert prompts[-1] == WAN_NEGATIVE_PROMPT and len(prompts) == 3
+    assert [p.name for p in ep.encoder_files(folder)] == ["models_t5_umt5-xxl-enc-bf16.pth", "umt5-xxl"]
+    store = PromptStore(cfg.data.text_store, ep.config_key(cfg, prompts, ep.text_len_of(cfg)))
+    encoder = load_encoders(folder, "t2v", ep.text_len_of(cfg))[1]
+    _, mask = encoder.tokenizer(prompts, ep.text_len_of(cfg))
+    assert store.lengths.tolist() == mask.sum(1).tolist()
+    for i, ref in enumerate(encoder.encode(prompts)):  # fp32 reference vs the bf16 encode: per-row relative error
+        got = store.embedding(i).float()
+        assert ((got - ref).norm(dim=-1) <= 2e-2 * ref.norm(dim=-1) + 1e-6).all()
