@@ -10,6 +10,7 @@ import datasets
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 
 from distill.config import load_train_config
 from distill.prompts import load_prompt_images, load_prompts
@@ -94,3 +95,27 @@ def test_i2v_dmd_reads_prompt_image_pairs(tmp_path, tiny_i2v_dir, one_thread):
     trainer.train()
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(m["critic_loss"]) for m in metrics)
+
+
+def test_i2v_dmd_conditions_on_a_captioned_folder_like_on_a_pairs_file(tmp_path, tiny_i2v_dir, one_thread):
+    """The same pairs as a jsonl file and as a folder of images with .txt captions (text from the prompt store
+    for the folder): the same prompts, CLIP features and first-frame latents for the same batch."""
+    pairs = write_pairs(tmp_path)
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for i, row in enumerate(json.loads(line) for line in pairs.read_text().splitlines()):
+        (folder / f"{i:03d}.png").write_bytes((tmp_path / row["image"]).read_bytes())
+        (folder / f"{i:03d}.txt").write_text(row["prompt"])
+    batches = []
+    for source, extra in ((pairs, []), (folder, [f"data.text_store={tmp_path}/store"])):
+        cfg = load_train_config(REPO / "configs/tiny/i2v_dmd.yaml",
+                                [f"run_dir={tmp_path}/run", f"model.path={tiny_i2v_dir}", "data.source=prompts",
+                                 f"data.prompt_path={source}", *SMALL, *extra])
+        trainer = trainer_for(cfg)
+        batches.append(trainer.data.get(3, 0, 1, 2, trainer.latent_shape))
+    (c1, _, p1), (c2, _, p2) = batches
+    assert p1 == p2
+    torch.testing.assert_close(c2.y, c1.y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c2.clip_fea, c1.clip_fea, rtol=1e-5, atol=1e-5)
+    # the store's bf16 text against the in-memory fp32 cache: per-row relative error under 2%
+    assert ((c2.context - c1.context).norm(dim=-1) <= 2e-2 * c1.context.norm(dim=-1) + 1e-6).all()
