@@ -81,6 +81,11 @@ class Guidance:
         return torch.where(inside, w, torch.ones_like(w))
 
 
+def combine(v_cond: Tensor, v_uncond: Tensor, w: float | Tensor) -> Tensor:
+    """Standard CFG:  v = v_uncond + w (v_cond - v_uncond)  (w a float or broadcastable per-sample tensor)."""
+    return v_uncond + w * (v_cond - v_uncond)
+
+
 def guided_velocity(net, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: Guidance,
                     per_sample: bool, apply: bool = True) -> Tensor:
     """The guided prediction v [B, C, F, H, W] (fp32 when guided) at x [B, C, F, H, W], timesteps t [B].
@@ -95,4 +100,4 @@ def guided_velocity(net, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, 
     w: float | Tensor = guidance.scale
     if per_sample:
         w = guidance.scales(t).view(-1, *[1] * (v_u.ndim - 1))
-    return v_u + w * (v_c - v_u)
+    return combine(v_c, v_u, w)

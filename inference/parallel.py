@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from inference.config import InferConfig, ParallelConfig
+from inference.guidance import combine
 from models.attention import attention
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class ParallelState:
                 parts = [torch.empty_like(v) for _ in range(self.cfg.cfg_p_size)]
                 dist.all_gather(parts, v.contiguous(), group=self.cfg_group)
                 v_cond, v_uncond = parts
-                return v_uncond + guide * (v_cond - v_uncond)
+                return combine(v_cond, v_uncond, guide)
             pipe.timings.nfe += x.shape[0]
             if self.cfg_rank == 0:
                 v = pipe.dit(x.to(pipe.dtype), t, cond, clip_fea=clip_fea, y=y).contiguous()

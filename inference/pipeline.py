@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from inference.config import InferConfig, check_video_size
+from inference.guidance import Cond, Guidance, guided_velocity
 from inference.offload import ComponentOffload, offloader
 from inference.sampling import sample
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
@@ -148,30 +149,23 @@ class WanPipeline:
         return clip_fea.to(self.dtype), y.to(self.dtype)
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guide: float, clip_fea: Tensor | None,
+    def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guidance: Guidance, clip_fea: Tensor | None,
                       y: Tensor | None, guided: Sequence[bool] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """v(x, t) for the sampler. CFG is one batched forward of [cond; uncond]: uncond + w (cond - uncond).
+        """v(x, t) for the sampler: `guided_velocity` (inference/guidance.py), one batched [cond; uncond] forward.
 
-        `guided` (a guidance interval): one flag per sampler step, decided on the host from the schedule (no
-        device sync); the returned function must then be called once per step, in order, as `sample` does.
-        Unguided steps run the conditional branch alone."""
+        `guided`: one flag per sampler step (`Guidance.applies_at` of the step's timestep, decided on the host
+        from the schedule: no device sync); the returned function must then be called once per step, in order,
+        as `sample` does. Unguided steps run the conditional branch alone."""
         if self.parallel is not None and self.parallel.cfg.cfg_p_size > 1:  # the two branches on two ranks
-            return self.parallel.cfg_denoiser(self, cond, uncond, guide, clip_fea, y, guided)
-        both = None
-        if uncond is not None:
-            both = (torch.cat([cond, uncond]), None if clip_fea is None else torch.cat([clip_fea, clip_fea]),
-                    None if y is None else torch.cat([y, y]))
+            return self.parallel.cfg_denoiser(self, cond, uncond, guidance.scale, clip_fea, y, guided)
+        c = Cond(cond, clip_fea, y)
+        u = None if uncond is None else Cond(uncond, clip_fea, y)
         steps = iter(guided) if guided is not None else None
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
-            use_cfg = both is not None and (steps is None or next(steps))
-            self.timings.nfe += x.shape[0] * (2 if use_cfg else 1)
-            if not use_cfg:
-                return self.dit(x.to(self.dtype), t, cond, clip_fea=clip_fea, y=y)
-            context, clip2, y2 = both
-            v = self.dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), context, clip_fea=clip2, y=y2)
-            v_cond, v_uncond = v.chunk(2)
-            return v_uncond + guide * (v_cond - v_uncond)
+            apply = u is not None and guidance.enabled and (steps is None or next(steps))
+            self.timings.nfe += x.shape[0] * (2 if apply else 1)
+            return guided_velocity(self.dit, x.to(self.dtype), t, c, u, guidance, per_sample=False, apply=apply)
 
         return denoise
 
@@ -220,11 +214,9 @@ class WanPipeline:
         noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(self.device)
         if cfg.is_distill and cfg.distill_update == "lcm":
             scheduler = PerVideoSteps(scheduler, gens)
-        guided = None
-        if use_cfg and cfg.sample_guide_interval is not None:
-            lo, hi = cfg.sample_guide_interval
-            guided = [lo <= float(t) <= hi for t in scheduler.timesteps.cpu()]  # the schedule lives on the host
-        denoise = self.make_denoiser(cond, uncond, cfg.sample_guide_scale, clip_fea, y, guided)
+        guidance = Guidance(cfg.sample_guide_scale, cfg.sample_guide_interval) if use_cfg else Guidance()
+        guided = [guidance.applies_at(float(t)) for t in scheduler.timesteps.cpu()]  # the schedule is on the host
+        denoise = self.make_denoiser(cond, uncond, guidance, clip_fea, y, guided)
         if self.parallel is not None:  # all ranks poll rank 0's cancel flag, so they stop at the same step
             cancel = self.parallel.sync_cancel(cancel)
         latent = sample(denoise, noise, scheduler, callback=callback, cancel=cancel)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.config import load_config
+from inference.guidance import Guidance
 from inference.pipeline import WanPipeline, image_to_tensor, make_scheduler, seeded_noise, to_uint8
 from inference.sampling import sample
 
@@ -128,7 +129,7 @@ def test_cfg_is_one_batched_forward(t2v_pipe, record_dit):
     x = torch.randn(2, dit.in_dim, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900.0, 900.0])
     rec = record_dit(t2v_pipe)
-    v = t2v_pipe.make_denoiser(cond, uncond, w, None, None)(x, t)
+    v = t2v_pipe.make_denoiser(cond, uncond, Guidance(w), None, None)(x, t)
     assert len(rec.calls) == 1
     call = rec.calls[0]
     assert call["x"].shape[0] == 4 and call["t"].shape == (4,) and call["context"].shape[0] == 4
