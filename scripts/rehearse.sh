@@ -196,6 +196,30 @@ serve_one() {
 }
 step server_one_request serve_one
 
+# ---- the web UI serves its page for the distilled I2V export --------------------------------------------------
+webui_page() {
+  local port=$((17000 + RANDOM % 1000)) pid rc=1 i
+  mkdir -p "$WORK/loras" && cp "$R/export_lora_r64.safetensors" "$WORK/loras/" 2>/dev/null
+  "$PY" -m inference.webui --config "$C/i2v_distill.json" --model_path "$R/i2v_dmd/model" --lora_dir "$WORK/loras" \
+    --port "$port" --output_dir "$O/webui" &
+  pid=$!
+  for i in $(seq 180); do
+    if curl -sf "http://127.0.0.1:$port/" | grep -qi gradio; then rc=0; break; fi
+    sleep 1
+  done
+  kill "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return $rc
+}
+step webui_page webui_page
+
+# ---- the planner lines of the YAML headers (real sizes, no weights read) -------------------------------------
+step plan_t2v_1.3b_ddp "$PY" train.py --config configs/wan_distill/t2v_1.3b_dmd.yaml --dry-run --plan-gpus 8
+step plan_t2v_14b_fsdp_offload "$PY" train.py --config configs/wan_distill/t2v_14b_dmd.yaml --dry-run --plan-gpus 8 \
+  --plan-engine fsdp --plan-offload
+step plan_i2v_14b_fsdp_offload "$PY" train.py --config configs/wan_distill/i2v_14b_480p_dmd.yaml --dry-run \
+  --plan-gpus 8 --plan-engine fsdp --plan-offload
+
 echo
 echo "rehearsal in $WORK ($SECONDS s):"
 printf '%s\n' "${RESULTS[@]}"
