@@ -170,6 +170,23 @@ def test_diffusers_dit_config_refuses_unknown_fields():
         dit_config_from_diffusers({**config, "rope_max_seq_len": 2048})
 
 
+def test_diffusers_vae_and_encoder_configs_refuse_other_architectures():
+    from models.convert import clip_config_from_transformers, umt5_config_from_transformers
+    from models.diffusers_folder import vae_config_from_diffusers
+
+    assert vae_config_from_diffusers({"base_dim": 8, "num_res_blocks": 1})["dim"] == 8
+    with pytest.raises(ValueError, match="not the Wan2.1 VAE.*is_residual True"):
+        vae_config_from_diffusers({"base_dim": 160, "z_dim": 48, "is_residual": True})
+    with pytest.raises(ValueError, match="scale_factor_spatial 16 does not match"):
+        vae_config_from_diffusers({"scale_factor_spatial": 16})
+    t5 = {"vocab_size": 10, "d_model": 8, "d_kv": 2, "num_heads": 4, "d_ff": 16, "num_layers": 1}
+    assert umt5_config_from_transformers(t5)["dim_attn"] == 8
+    with pytest.raises(ValueError, match="feed_forward_proj 'relu'"):
+        umt5_config_from_transformers({**t5, "feed_forward_proj": "relu"})
+    with pytest.raises(ValueError, match="hidden_act 'quick_gelu'"):
+        clip_config_from_transformers({"hidden_size": 8, "hidden_act": "quick_gelu"})
+
+
 # ---- the two layouts load to the same networks --------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
