@@ -139,6 +139,28 @@ def test_lazy_load_equals_resident_and_keeps_host_tensors_bounded(dit_folder, gr
     assert live_host_bytes(eager) == nonblock + LAYERS * block_bytes(resident)
 
 
+def test_lazy_load_reads_sharded_checkpoints(tmp_path, dit_folder):
+    """The 14B layout: diffusion_pytorch_model-0000i-of-00002.safetensors + .safetensors.index.json."""
+    import json
+
+    folder, resident = dit_folder
+    sharded = write_dit_folder(tmp_path / "sharded", resident)
+    (sharded / "diffusion_pytorch_model.safetensors").unlink()
+    state = resident.state_dict()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        write_safetensors({k: state[k] for k in part}, sharded / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    lazy = load_dit_lazy(sharded)
+    assert {p.name for p in lazy.lazy_files.values()} == set(weight_map.values())
+    enable_offload(lazy, "cpu", "block", lazy.lazy_files)
+    x = inputs(resident)
+    torch.testing.assert_close(run(lazy, x), run(resident, x), **TOL)
+
+
 def test_lazy_load_casts_like_the_full_loader(dit_folder):
     folder, resident = dit_folder
     lazy = load_dit_lazy(folder, dtype=torch.bfloat16)
