@@ -6,7 +6,7 @@
    path): prompts/s and bytes per prompt in the store.
 2. Trainer RSS (a tiny DMD trainer reading the store, each case in a fresh process) after building (step 0) and
    after `--steps` (100) DMD iterations, with 1,000 and with `--prompts` prompts: the difference must stay under
-   200 MB (the store is memory-mapped; only 12 bytes of index per prompt are held).
+   200 MB (rows are read from disk per batch; only 12 bytes of index per prompt are held).
 3. Planned real figures from FLOPs counted on the meta device: umT5-XXL in bf16 (bytes per prompt, prompts/s
    per GPU at `--tflops` sustained), and for I2V the CLIP + Wan-VAE encode of one conditioning frame against the
    DiT work of one DMD micro-batch, and the bytes per sample if those were stored instead (docs/data.md).
@@ -41,7 +41,7 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def rss_mb() -> dict[str, float]:
-    """Resident memory of this process (MB): total, anonymous, file-backed (memory-mapped store pages)."""
+    """Resident memory of this process (MB): total, anonymous, file-backed (mapped files: libraries, ...)."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")

@@ -1,5 +1,5 @@
 """Training batches: the shapes world (rendered on the fly, encoded to latents) and prompt lists (text from an
-in-memory cache or the memory-mapped prompt store of distill/encode_prompts.py; I2V images from pairs sources).
+in-memory cache or the on-disk prompt store of distill/encode_prompts.py; I2V images from pairs sources).
 
 Every video is a pure function of (data seed, step, micro-batch, rank, index), so the data position of a
 run is its step counter: a resumed run sees exactly the batches the killed one would have seen, and two

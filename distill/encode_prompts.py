@@ -39,7 +39,8 @@ from models.loading import write_safetensors
 INDEX = "index.json"
 LENGTHS = "lengths.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+                      "I32": torch.int32}
 SAMPLE_BLOCKS, BLOCK_BYTES = 16, 1 << 16  # fingerprint: 16 evenly spaced 64 KiB blocks per file, plus the size
 
 
@@ -210,9 +211,47 @@ def write_lengths(folder: Path, key: StoreKey) -> None:
     write_safetensors({"lengths": torch.cat(lengths)}, folder / LENGTHS, metadata={"key": json.dumps(asdict(key))})
 
 
+class SafetensorsRows:
+    """Row ranges of the tensors of one safetensors file by positional reads of exactly their bytes (header parsed
+    once). A memory map would instead leave every page it touched, plus the kernel's read-around, in the resident
+    memory of each process reading it; here the OS page cache keeps hot data, outside any process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.entries = {k: (8 + size + v["data_offsets"][0], list(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]])
+                        for k, v in header.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Tensor `name`[start:stop] (rows of its first dimension), a fresh CPU tensor."""
+        offset, shape, dtype = self.entries[name]
+        if not 0 <= start <= stop <= shape[0]:
+            raise IndexError(f"{self.path}: rows {start}:{stop} of {name} out of range (it has {shape[0]})")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        n = (stop - start) * row
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, n, offset + start * row)
+        finally:
+            os.close(fd)
+        if len(data) != n:
+            raise ValueError(f"{self.path} is truncated: rows {start}:{stop} of {name} need {n} bytes, "
+                             f"read {len(data)}")
+        return torch.frombuffer(bytearray(data), dtype=dtype).view(stop - start, *shape[1:])
+
+
 class PromptStore:
-    """Rows of a complete store, read from disk per batch. In RAM: a start and a length per prompt (12 bytes) and
-    one header per chunk; each row is one positional read (the OS page cache keeps hot rows, outside the RSS)."""
+    """Rows of a complete store, read from disk per batch (`SafetensorsRows`). In RAM: a start and a length per
+    prompt (12 bytes) and one header per chunk file used so far."""
 
     def __init__(self, folder: str | Path, key: StoreKey) -> None:
         self.folder = Path(folder)
@@ -220,43 +259,27 @@ class PromptStore:
             raise FileNotFoundError(f"prompt store {self.folder} is incomplete (no {INDEX}): run "
                                     f"python -m distill.encode_prompts --config <train yaml> first")
         self.key, self.text_len = key, key.text_len
-        self._chunks: dict[int, tuple[Path, int, int, torch.dtype]] = {}  # chunk headers, read when first used
+        self._chunks: dict[int, SafetensorsRows] = {}  # chunk headers, read when first used
         with safe_open(str(self.folder / LENGTHS), "pt") as f:
             self.lengths = f.get_tensor("lengths").numpy()
         # start of each prompt's rows within its chunk: cumulative lengths restarting at every chunk
         first = np.cumsum(self.lengths, dtype=np.int64) - self.lengths  # global row of each prompt's first token
         self.starts = first - first[np.arange(len(first)) // key.chunk_size * key.chunk_size]
-        self.dim = self._chunk(0)[2]
+        self.dim = self._chunk(0).shape("emb")[1]
         self.negative_row = key.num_prompts - 1
 
-    def _chunk(self, c: int) -> tuple[Path, int, int, torch.dtype]:
-        """(path, byte offset of `emb`, dim, dtype) of chunk c, from its safetensors header (read once)."""
+    def _chunk(self, c: int) -> SafetensorsRows:
         if c not in self._chunks:
-            path = chunk_path(self.folder, c)
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                entry = json.loads(f.read(size))["emb"]
-            self._chunks[c] = (path, 8 + size + entry["data_offsets"][0], entry["shape"][1],
-                               SAFETENSORS_DTYPES[entry["dtype"]])
+            self._chunks[c] = SafetensorsRows(chunk_path(self.folder, c))
         return self._chunks[c]
 
     def __len__(self) -> int:
         return self.key.num_prompts
 
     def embedding(self, i: int) -> Tensor:
-        """Prompt i's trimmed embedding [L_i, dim] in the store dtype: one positional read of exactly its bytes
-        (a mapped file would leave every page it touched, and the kernel's read-around, in this process's RSS)."""
-        path, offset, dim, dtype = self._chunk(int(i) // self.key.chunk_size)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        n = int(self.lengths[i]) * dim * itemsize
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, n, offset + int(self.starts[i]) * dim * itemsize)
-        finally:
-            os.close(fd)
-        if len(data) != n:
-            raise ValueError(f"prompt store {path} is truncated: prompt {i} needs {n} bytes, read {len(data)}")
-        return torch.frombuffer(bytearray(data), dtype=dtype).view(-1, dim)
+        """Prompt i's trimmed embedding [L_i, dim] in the store dtype (one read of exactly its bytes)."""
+        a = int(self.starts[i])
+        return self._chunk(int(i) // self.key.chunk_size).rows("emb", a, a + int(self.lengths[i]))
 
     def rows(self, index: Sequence[int]) -> Tensor:
         """[B, text_len, dim] fp32: rows `index` zero-padded to text_len (what the DiT pads to anyway)."""

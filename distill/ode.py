@@ -8,8 +8,8 @@
    files), each shard atomically, finished shards are skipped (resumable); rank 0 then writes `index.json`
    (shards, sigmas, a digest of the prompt list the rows refer to).
 2. Regression: pick a trajectory and a student step k, predict x0 from the stored state with the generator,
-   minimise mean((x_k - s_k v - x0)^2) (distill/losses.py `ode_regression_loss`). The shards are read
-   memory-mapped, one trajectory at a time: a bank of any size costs no RAM.
+   minimise mean((x_k - s_k v - x0)^2) (distill/losses.py `ode_regression_loss`). The shards are read one
+   trajectory at a time with positional reads: a bank of any size costs no RAM.
 
     accelerate launch train.py --config configs/tiny/t2v_ode.yaml
 """
@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from distill.data import PromptBatches, build_prompt_batches
-from distill.encode_prompts import negative_prompt, prompts_digest
+from distill.encode_prompts import SafetensorsRows, negative_prompt, prompts_digest
 from distill.losses import Cond, guided_x0, ode_regression_loss
 from distill.trainer import Metrics, Trainer
 from inference.flow import shift_sigma
@@ -76,7 +76,8 @@ TRAJECTORY_INDEX = "index.json"
 
 
 class TrajectoryBank:
-    """The trajectory shards of a folder, read memory-mapped per batch; in RAM only the index."""
+    """The trajectory shards of a folder, read per batch (positional reads: `SafetensorsRows`); in RAM only the
+    index."""
 
     def __init__(self, root: str | Path, sigmas: list[float], prompts_digest: str) -> None:
         root = Path(root)
@@ -91,7 +92,7 @@ class TrajectoryBank:
             raise ValueError(f"{root} was generated from another prompt list (digest {index['prompts']}, now "
                              f"{prompts_digest}): its prompt rows would point at other prompts; regenerate (delete "
                              f"{root}) or restore data.prompt_path / distill.negative_prompt")
-        self.files = [safe_open(str(root / s["file"]), "pt") for s in index["shards"]]
+        self.files = [SafetensorsRows(root / s["file"]) for s in index["shards"]]
         self.where = [(f, i) for f, s in enumerate(index["shards"]) for i in range(s["n"])]
         self.rows = [r for s in index["shards"] for r in s["rows"]]
 
@@ -103,7 +104,7 @@ class TrajectoryBank:
         parts = []
         for j in idx:
             f, i = self.where[j]
-            parts.append(self.files[f].get_slice(key)[i:i + 1])
+            parts.append(self.files[f].rows(key, i, i + 1))
         return torch.cat(parts)
 
     def has(self, key: str) -> bool:

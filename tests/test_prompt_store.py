@@ -267,3 +267,24 @@ def test_store_from_an_official_layout_folder_with_the_real_config(tmp_path, one
     for i, ref in enumerate(encoder.encode(prompts)):  # fp32 reference vs the bf16 encode: per-row relative error
         got = store.embedding(i).float()
         assert ((got - ref).norm(dim=-1) <= 2e-2 * ref.norm(dim=-1) + 1e-6).all()
+
+
+def test_safetensors_rows_read_exact_slices(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(7, 3, 2).to(torch.bfloat16), "b": torch.arange(10, dtype=torch.int64),
+               "c": torch.randn(4, 5)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"x": "y"})
+    rows = ep.SafetensorsRows(tmp_path / "t.safetensors")
+    assert sorted(rows.keys()) == ["a", "b", "c"] and rows.shape("a") == [7, 3, 2]
+    for name, t in tensors.items():
+        for a, b in ((0, 1), (2, 4), (0, len(t))):
+            got = rows.rows(name, a, b)
+            assert got.dtype == t.dtype and torch.equal(got, t[a:b])
+    with pytest.raises(IndexError, match="rows 3:6 of c out of range"):
+        rows.rows("c", 3, 6)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-8])  # a file cut short: the last tensor's last row is gone
+    last = max(rows.entries, key=lambda k: rows.entries[k][0])
+    with pytest.raises(ValueError, match="truncated"):
+        rows.rows(last, 0, rows.shape(last)[0])
