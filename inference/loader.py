@@ -123,6 +123,8 @@ def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | Non
         cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     folder = resolve_model_path(cfg, model_path)
     check_weight_files(cfg, folder)
+    if cfg.use_tiling_vae:
+        check_vae_tiling(folder, cfg.vae_tile_size, cfg.vae_tile_overlap)  # the tile rule, before any weight is read
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     dit_loader, dit_ckpt = load_dit, cfg.dit_original_ckpt
@@ -171,6 +173,24 @@ def _place_components(cfg: InferConfig, comps, device: torch.device, offloads: l
             module.to(device)
     resting = {n: modules[n] for n in offloads if modules[n] is not None}
     return ComponentOffload(device, resting) if resting else None
+
+
+def check_vae_tiling(folder: Path, tile: int, overlap: int) -> None:
+    """The tiling rules checked on the folder's VAE built on `meta` from its component table (official and tiny
+    folders; a diffusers folder is checked once its VAE is loaded)."""
+    from models.diffusers_folder import is_diffusers_folder
+    from models.loading import read_components
+
+    if is_diffusers_folder(folder):
+        return
+    entry = read_components(folder)["vae"]
+    if entry["type"] != "wan_vae":
+        raise ValueError(f"use_tiling_vae needs the Wan VAE; {folder} has a {entry['type']} (the tiny PCA codec "
+                         "works on independent 4x4x4 blocks and needs no tiling)")
+    from models.vae import WanVAE
+
+    with torch.device("meta"):
+        WanVAE(**entry.get("config", {})).enable_tiling(tile, overlap)
 
 
 def enable_vae_tiling(vae, tile: int, overlap: int) -> None:

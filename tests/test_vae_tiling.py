@@ -8,6 +8,8 @@ real one) is wider than the overlap; the linear blending itself is exact (`test_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +128,29 @@ def test_config_and_loader_rules_of_tiling(make_config):
     codec = PCACodec.__new__(PCACodec)
     with pytest.raises(ValueError, match="use_tiling_vae needs the Wan VAE"):
         enable_vae_tiling(codec, 48, 16)
+
+
+@pytest.mark.parametrize("vae_entry,match", [
+    (None, "use_tiling_vae needs the Wan VAE; .* has a pca_codec"),
+    ({"type": "wan_vae", "file": "vae.safetensors", "config": TINY}, "smaller than the receptive field"),
+], ids=["pca-codec", "tile-too-small"])
+def test_tiling_rules_are_checked_before_any_weight_is_read(vae_entry, match, tiny_t2v_dir, make_config, tmp_path,
+                                                            monkeypatch):
+    import json
+    import shutil
+
+    import inference.loader as loader
+
+    folder = Path(shutil.copytree(tiny_t2v_dir, tmp_path / "folder"))
+    if vae_entry is not None:
+        table = json.loads((folder / "components.json").read_text())
+        table["vae"] = {**vae_entry, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in vae_entry["config"].items()}}
+        (folder / "components.json").write_text(json.dumps(table))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the tiling rule was checked")
+
+    monkeypatch.setattr(loader, "load_any_folder", no_loading)
+    with pytest.raises(ValueError, match=match):
+        loader.load_pipeline(make_config(use_tiling_vae=True, vae_tile_size=20, vae_tile_overlap=4), model_path=folder)
