@@ -78,24 +78,36 @@ def _check(task: str, layout: str | None = None) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def mini_tokenizer(vocab_size: int = MINI_VOCAB):
-    """A Unigram `tokenizers.Tokenizer` in umT5's tokenizer.json format (Metaspace, `</s>` appended), ids
-    0/1/2 = `<pad>`/`</s>`/`<unk>`; deterministic for a given vocabulary size."""
+# (special tokens in id order, template of one sequence, tokenizer_config.json fields) of the two tokenizers.
+_UMT5_TOKENS = (["<pad>", "</s>", "<unk>"], "$A </s>",
+                {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "tokenizer_class": "T5Tokenizer",
+                 "extra_ids": 0, "additional_special_tokens": []})
+_XLMR_TOKENS = (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>",
+                {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+                 "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>",
+                 "tokenizer_class": "XLMRobertaTokenizer"})
+
+
+def mini_tokenizer(vocab_size: int = MINI_VOCAB, kind: str = "umt5"):
+    """A Unigram `tokenizers.Tokenizer` in the real tokenizer.json format (Metaspace pre-tokenizer), trained on a
+    small corpus; deterministic. "umt5": ids 0/1/2 = `<pad>`/`</s>`/`<unk>`, `</s>` appended (google/umt5-xxl);
+    "xlm-roberta": `<s>`/`<pad>`/`</s>`/`<unk>`/`<mask>`, `<s> ... </s>` (xlm-roberta-large)."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from tokenizers.trainers import UnigramTrainer
 
+    specials, template, _ = {"umt5": _UMT5_TOKENS, "xlm-roberta": _XLMR_TOKENS}[kind]
     tok = Tokenizer(Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                             show_progress=False)
+    trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False)
     words = _CORPUS_WORDS.split()
     corpus = [" ".join(words[i:i + 7]) for i in range(len(words))] * 4
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
+    used = [t for t in specials if t in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, pair=f"{template} $B </s>",
+                                                       special_tokens=[(t, specials.index(t)) for t in used])
     return tok
 
 
@@ -218,14 +230,14 @@ def write_sharded_safetensors(folder: Path, state: dict[str, torch.Tensor], stem
     return index
 
 
-def write_tokenizer_folder(folder: Path, tokenizer) -> Path:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json, as in the real `google/umt5-xxl`."""
+def write_tokenizer_folder(folder: Path, tokenizer, kind: str = "umt5") -> Path:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json, as in the real `google/umt5-xxl`
+    ("umt5") or `xlm-roberta-large` ("xlm-roberta") folders."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {**{"umt5": _UMT5_TOKENS, "xlm-roberta": _XLMR_TOKENS}[kind][2], "model_max_length": 512}
+    special = {k: v for k, v in config.items() if k.endswith("_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512,
-              "additional_special_tokens": []}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -243,7 +255,7 @@ def write_official(out: Path, model: MiniModel, sharded: bool = False) -> Path:
     write_tokenizer_folder(out / WAN_FILES["tokenizer"], model.tokenizer)
     if model.image_encoder is not None:
         torch.save(_plain(model.image_encoder.state_dict()), out / WAN_FILES["image_encoder"])
-        write_tokenizer_folder(out / XLM_ROBERTA_DIR, model.tokenizer)
+        write_tokenizer_folder(out / XLM_ROBERTA_DIR, mini_tokenizer(kind="xlm-roberta"), "xlm-roberta")
     return out
 
 

@@ -208,6 +208,9 @@ def test_tokenizer_folder_reads_in_both_libraries(folders):
     ids, mask = HFTokenizer(folder)([PROMPT], max_len=512)
     ref = transformers.AutoTokenizer.from_pretrained(str(folder))(PROMPT).input_ids
     assert ids[0, : int(mask.sum())].tolist() == ref and ref[-1] == 1  # </s> = 1, as in umT5
+    xlmr = transformers.AutoTokenizer.from_pretrained(str(folders[("i2v", "official")] / "xlm-roberta-large"))
+    ids = xlmr(PROMPT).input_ids
+    assert type(xlmr).__name__.startswith("XLMRoberta") and ids[0] == 0 and ids[-1] == 2  # <s> ... </s>
 
 
 # ---- parity with diffusers / transformers from_pretrained ----------------------------------------------------
