@@ -66,7 +66,11 @@ class BodySizeLimit:
     """ASGI middleware: a request body larger than `max_bytes` is answered 413 before the app parses it.
 
     A declared Content-Length is checked up front; a body without one (chunked) is read up to the limit and then
-    handed on, so a 100 MB prompt never reaches the JSON parser."""
+    handed on, so a 100 MB prompt never reaches the JSON parser. Before answering 413 the rest of the upload is read
+    and dropped (up to DRAIN_FACTOR x the limit, no memory kept): closing a socket with unread data resets it, and
+    the client would see a broken connection instead of the answer."""
+
+    DRAIN_FACTOR = 8
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -77,6 +81,7 @@ class BodySizeLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
+                await self._drain(receive, 0)
                 return await self._refuse(send, length.decode("latin-1"))
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
@@ -88,6 +93,8 @@ class BodySizeLimit:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
+                if more:
+                    await self._drain(receive, size)
                 return await self._refuse(send, f"more than {size}")
         body, replayed = b"".join(chunks), False
 
@@ -99,6 +106,14 @@ class BodySizeLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    async def _drain(self, receive, size: int) -> None:
+        """Read and drop the rest of the body, up to DRAIN_FACTOR x the limit in all."""
+        while size <= self.DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     async def _refuse(self, send, size: str) -> None:
         body = json.dumps({"detail": f"the request body ({size} bytes) exceeds this server's limit of "
