@@ -7,6 +7,9 @@ same tensors as the resident one: outputs are compared with atol 1e-6 (no reorde
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -287,6 +290,31 @@ def test_pipeline_with_every_offload_equals_the_resident_pipeline(task, tiny_t2v
     assert entered == expected
     assert offloader(pipe.dit).granularity == "phase" and offloader(pipe.dit).lazy
     assert not any(u.active for u in offloader(pipe.dit).units)  # released after the denoising stage
+
+
+def test_loader_quantized_lazy_offload_with_a_runtime_lora(tiny_t2v_dir, make_config, tmp_path):
+    """Through load_pipeline: an int8 DiT read lazily, phase offload and a runtime LoRA from lora_configs give the
+    video of the same int8 DiT resident with the same LoRA."""
+    import shutil
+
+    from models.loading import read_state_dict
+
+    folder = Path(shutil.copytree(tiny_t2v_dir, tmp_path / "folder"))
+    qstate, _ = quantize_state_dict(read_state_dict(folder / "diffusion_pytorch_model.safetensors"), "int8")
+    write_safetensors(qstate, folder / "int8" / "diffusion_pytorch_model.safetensors")
+    lora_path = tmp_path / "style.safetensors"
+    write_safetensors(make_lora(tiny(dict(T2V, dim=64, ffn_dim=128, num_layers=2, text_len=64, text_dim=64)),
+                                rank=2, only="blocks."), lora_path)
+    common = dict(infer_steps=2, dit_quantized=True, dit_quant_scheme="int8", lora_mode="runtime",
+                  lora_configs=[{"path": str(lora_path), "strength": 0.8}])
+    from inference.loader import load_pipeline
+
+    ref = load_pipeline(make_config(**common), model_path=folder).generate("a red circle")
+    pipe = load_pipeline(make_config(**common, cpu_offload=True, offload_granularity="phase", lazy_load=True),
+                         model_path=folder)
+    assert offloader(pipe.dit).lazy and runtime_loras(pipe.dit).names == ["style"]
+    out = pipe.generate("a red circle")
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1  # uint8 frames: one level of rounding
 
 
 def test_component_offload_keeps_the_modules_and_ignores_other_stages():
