@@ -66,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         # The estimate is printed as YAML comments, so the output stays a loadable config.
         print("\n".join(f"# {line}" for line in table.splitlines()))
         return 0
+    from distill.trainer import NonFiniteLossError
+
     try:
         trainer = trainer_for(cfg)
     except CheckpointError as e:  # found before any model is built
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = trainer.train()
+    try:
+        out = trainer.train()
+    except NonFiniteLossError as e:  # the guard's own stop: the message says what happened and what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if out is not None:
         print(f"model written to {out}")
     return 0

@@ -312,6 +312,14 @@ def test_exploding_updates_with_finite_loss_are_undone_and_stop_the_run(tmp_path
     assert skipped == [3, 4, 5, 6]  # the 5th raised before its row
 
 
+def test_train_py_reports_the_guard_stop_without_a_traceback(tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    argv = ["--config", "configs/tiny/t2v_teacher.yaml", f"run_dir={run}", "max_steps=50", "optim.lr=1e30", *SMALL]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: 5 model updates in a row had a non-finite gradient norm" in err and "Traceback" not in err
+
+
 def test_nonfinite_gradient_norm_is_undone_including_the_optimizer_state(tmp_path, one_thread):
     trainer = trainer_for(pretrain_cfg(tmp_path / "run", "max_steps=3"))
     trainer.train_step(0)  # a good step: optimizer state exists
