@@ -14,6 +14,7 @@ import json
 import types
 import typing
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,13 +253,19 @@ def _adapter(hint: Any) -> TypeAdapter:
     return TypeAdapter(hint, config=_STRICT)
 
 
-def _integral_floats_to_int(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list | tuple):
-        return [_integral_floats_to_int(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _integral_floats_to_int(v) for k, v in value.items()}
+def _plain(value: Any) -> Any:
+    """A value as JSON would carry it: any sequence or mapping (tuples, OmegaConf lists from a training config) as
+    a list / dict, numpy and torch scalars as Python numbers, integral floats (1000.0) as ints."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, str | bytes | bool) or value is None:
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -268,7 +275,7 @@ def describe_type(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(a) for a in args)
     if origin in (list, tuple):
-        return f"a list of {describe_type(args[0])}" if args else "a list"
+        return f"a list (of {describe_type(args[0])})" if args else "a list"
     if origin is dict or hint is dict:
         return "an object"
     if dataclasses.is_dataclass(hint):
@@ -287,7 +294,7 @@ def check_field_types(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         try:
-            checked = _adapter(hints[f.name]).validate_json(to_json(_integral_floats_to_int(value)))
+            checked = _adapter(hints[f.name]).validate_json(to_json(_plain(value)))
         except PydanticSerializationError:
             raise ValueError(f"config key {f.name}: {value!r} is not a JSON value; expected "
                              f"{describe_type(hints[f.name])}") from None

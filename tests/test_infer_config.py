@@ -223,7 +223,7 @@ def test_load_config_file_errors(tmp_path):
     ({"lora_configs": [{"path": "a.safetensors", "strenght": 1.0}]}, r"lora_configs\[0\]\.strenght = 1\.0"),
     ({"lora_configs": [{"path": "a.safetensors", "strength": "1"}]}, r"lora_configs\[0\]\.strength = '1'"),
     ({"lora_configs": [{"strength": 1.0}]}, r"lora_configs\[0\]\.path is missing in \{.strength.: 1\.0\}"),
-    ({"lora_configs": {"path": "a.safetensors"}}, r"lora_configs = \{'path'.*must be a list of \{path: a string"),
+    ({"lora_configs": {"path": "a.safetensors"}}, r"lora_configs = \{'path'.*must be a list \(of \{path: a string"),
     ({"lora_configs": [{"path": "a", "strength": float("inf")}]}, r"lora_configs\[0\]\.strength = inf"),
     ({"model_path": 3}, r"model_path = 3 \(int\).*must be a string or null"),
 ])
@@ -291,5 +291,22 @@ def test_lightx2v_quant_scheme_table():
     assert LIGHTX2V_QUANT_SCHEMES["int8-vllm"] == "int8" and LIGHTX2V_QUANT_SCHEMES["fp8-sgl"] == "fp8"
     assert LIGHTX2V_QUANT_SCHEMES["fp8-q8f"] == "fp8" and LIGHTX2V_QUANT_SCHEMES["int8-q8f"] == "int8"
     for name in ("nvfp4", "mxfp4", "fp8-per-block"):  # other layouts: refused, naming the accepted names
-        with pytest.raises(ValueError, match=r"dit_quant_scheme must be one of \['int8', 'fp8'\], got .*map onto them.*int8-vllm"):
+        rule = r"dit_quant_scheme must be one of \['int8', 'fp8'\], got .*map onto them.*int8-vllm"
+        with pytest.raises(ValueError, match=rule):
             config_from_dict({"dit_quantized": True, "dit_quant_scheme": name})
+
+
+def test_python_side_values_normalised_like_json():
+    """Training code hands over OmegaConf lists and numpy / torch scalars: the same values as JSON would carry."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    steps = OmegaConf.create({"s": [1000, 750]}).s
+    cfg = _quiet(InferConfig, denoising_step_list=steps, enable_cfg=False, seed=np.int64(3),
+                 sample_shift=torch.tensor(5.0), target_video_length=np.int32(17))
+    assert cfg.denoising_step_list == [1000, 750] and type(cfg.denoising_step_list) is list
+    assert (cfg.seed, cfg.sample_shift, cfg.target_video_length) == (3, 5.0, 17)
+    assert type(cfg.seed) is int and type(cfg.sample_shift) is float
+    with pytest.raises(ValueError, match=r"seed = .*'abc'.*must be an integer"):
+        InferConfig(seed=np.str_("abc"))
