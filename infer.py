@@ -140,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg, prompts, image = prepare(args)
         # torch and the networks only after the cheap checks; under torchrun the launch is checked against the
         # config's parallel block first and the process joins the group (inference/parallel.py)
+        from inference.loader import check_before_loading
         from inference.parallel import follow_prompts, is_main, load_pipeline_launched
 
+        check_before_loading(cfg, args.model_path)  # weight files: truncation, a distill schedule on base weights
         t0 = time.perf_counter()
-        pipe = load_pipeline_launched(cfg, args.model_path)  # checks the weight files (distill source, ...) first
+        pipe = load_pipeline_launched(cfg, args.model_path)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -69,6 +69,24 @@ def check_safetensors(path: str | Path, what: str) -> None:
                          f"has {size}; download or write it again")
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header ({} if none or unreadable: check_safetensors names that)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return dict(json.loads(f.read(min(n, 100 * 2**20))).get("__metadata__") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def merged_loras(path: Path) -> bool:
+    """Whether the converter recorded LoRAs merged into this file (its `loras` metadata: a JSON list)."""
+    try:
+        return bool(json.loads(safetensors_metadata(path).get("loras") or "[]"))
+    except ValueError:
+        return False
+
+
 def dit_files(cfg: InferConfig, folder: Path) -> tuple[list[Path], bool]:
     """The DiT weight files the loader will read, and whether they are distilled (or explicitly chosen) weights."""
     distill = cfg.model_cls == "wan2.1_distill"
@@ -76,8 +94,10 @@ def dit_files(cfg: InferConfig, folder: Path) -> tuple[list[Path], bool]:
         from inference.quantized import find_quantized_weights
 
         found = find_quantized_weights(folder, cfg.dit_quant_scheme, distill, cfg.dit_quantized_ckpt)
-        chosen = cfg.dit_quantized_ckpt is not None or found.parent.name.startswith("distill_")
         files = sorted(found.parent.glob("*.safetensors")) if found.name.endswith(".index.json") else [found]
+        # the converter writes a base DiT with its (distill) LoRA merged into <scheme>/ and records the LoRA
+        merged = bool(files) and merged_loras(files[0])
+        chosen = cfg.dit_quantized_ckpt is not None or found.parent.name.startswith("distill_") or merged
         return files, chosen
     src = find_dit_weights(folder, distill, cfg.dit_original_ckpt)
     if src.kind == "base":
@@ -85,8 +105,18 @@ def dit_files(cfg: InferConfig, folder: Path) -> tuple[list[Path], bool]:
     return [Path(src.path)], True
 
 
-def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool) -> None:
-    """A few-step schedule on base weights with no LoRA makes blurry videos silently: refuse it, naming the fix."""
+BASE_WEIGHTS_POLICIES = ("error", "warn")
+
+
+class BaseWeightsWarning(UserWarning):
+    """A distill schedule runs on base weights (allowed through the Python API for deliberate comparisons)."""
+
+
+def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool, on_base_weights: str = "error") -> None:
+    """A few-step schedule on base weights with no LoRA makes blurry videos silently: refuse it (the command lines)
+    or warn (`on_base_weights="warn"`, the Python API's default), naming the fix either way."""
+    if on_base_weights not in BASE_WEIGHTS_POLICIES:
+        raise ValueError(f"on_base_weights must be one of {list(BASE_WEIGHTS_POLICIES)}, got {on_base_weights!r}")
     if not cfg.is_distill or distilled or cfg.lora_configs:
         return
     has_distill = any((folder / DISTILL_DIR / name).is_file() for name in DISTILL_NAMES)
@@ -97,15 +127,18 @@ def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool) -> Non
         fix = (f"put the distilled DiT in {folder / DISTILL_DIR / DISTILL_NAMES[0]} (with --model_cls wan2.1_distill), "
                "set dit_original_ckpt, or add the distill LoRA (lora_configs / --lora_path); for a few-step run of "
                "the base model on purpose, use infer_steps without a denoising_step_list")
-    raise ValueError(f"the config's denoising_step_list {cfg.denoising_step_list} is a distilled model's schedule, "
-                     f"but only the base (teacher) weights of {folder} would load: the video would be blurry. {fix}")
+    msg = (f"the config's denoising_step_list {cfg.denoising_step_list} is a distilled model's schedule, but only the "
+           f"base (teacher) weights of {folder} would load: the video would be blurry. {fix}")
+    if on_base_weights == "error":
+        raise ValueError(msg)
+    warnings.warn(msg, BaseWeightsWarning, stacklevel=4)  # the caller of load_pipeline
 
 
-def check_weight_files(cfg: InferConfig, folder: Path) -> None:
+def check_weight_files(cfg: InferConfig, folder: Path, on_base_weights: str = "error") -> None:
     """Everything about the weight files that can be known without reading them: distilled weights for a distill
     schedule, and no truncated safetensors file (DiT and LoRAs), each named."""
     files, distilled = dit_files(cfg, folder)
-    check_distill_source(cfg, folder, distilled)
+    check_distill_source(cfg, folder, distilled, on_base_weights)
     for f in files:
         if f.suffix == ".safetensors" and f.is_file():
             check_safetensors(f, "DiT weights")
@@ -115,14 +148,25 @@ def check_weight_files(cfg: InferConfig, folder: Path) -> None:
             check_safetensors(lora, "LoRA file")
 
 
+def check_before_loading(cfg: InferConfig, model_path: str | Path | None = None) -> Path:
+    """What the command lines check before any network loads: the model folder exists, no truncated weight file,
+    and a distill schedule has distilled weights or a LoRA (an error here, not a warning). Returns the folder."""
+    folder = resolve_model_path(cfg, model_path)
+    check_weight_files(cfg, folder, on_base_weights="error")
+    return folder
+
+
 def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | None = None,
-                  **overrides) -> WanPipeline:
-    """Load the networks named by `config` (a JSON path or an InferConfig) once; returns the pipeline."""
+                  on_base_weights: str = "warn", **overrides) -> WanPipeline:
+    """Load the networks named by `config` (a JSON path or an InferConfig) once; returns the pipeline.
+
+    `on_base_weights`: a distill schedule with only base weights and no LoRA (blurry videos) is an "error" (what
+    infer.py, the server and the web UI ask for) or a BaseWeightsWarning ("warn": deliberate comparisons)."""
     cfg = load_config(config, **overrides) if not isinstance(config, InferConfig) else config
     if overrides and isinstance(config, InferConfig):
         cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     folder = resolve_model_path(cfg, model_path)
-    check_weight_files(cfg, folder)
+    check_weight_files(cfg, folder, on_base_weights)
     if cfg.use_tiling_vae:
         check_vae_tiling(folder, cfg.vae_tile_size, cfg.vae_tile_overlap)  # the tile rule, before any weight is read
     device = resolve_device(cfg.device)

@@ -233,11 +233,11 @@ def build_manager(config: str | Path, model_path: str | Path | None = None, task
 
     `limits`: ServerLimits fields (None keeps the default derived from the model)."""
     from inference.config import load_config
-    from inference.loader import resolve_model_path
+    from inference.loader import check_before_loading
     from inference.parallel import group_task_manager_class, load_pipeline_launched
 
     cfg = load_config(config, task=task, **overrides)
-    folder = resolve_model_path(cfg, model_path)
+    folder = check_before_loading(cfg, model_path)  # weight files: truncation, a distill schedule on base weights
     pipe = load_pipeline_launched(cfg, folder)  # under torchrun: on the group of the config's parallel block
     # on a group, rank 0's manager announces each task to the other ranks (inference/parallel.py)
     manager_cls = TaskManager if pipe.parallel is None else group_task_manager_class()

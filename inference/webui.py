@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, model_cls=args.model_cls)
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise FileNotFoundError(f"--lora_dir is not a folder: {args.lora_dir}")
+        from inference.loader import check_before_loading
         from inference.parallel import announce, follow_webui, is_main, load_pipeline_launched
 
+        check_before_loading(cfg, args.model_path)  # weight files: truncation, a distill schedule on base weights
         t0 = time.perf_counter()
         pipe = load_pipeline_launched(cfg, args.model_path)  # under torchrun: on the config's parallel group
     except (ValueError, FileNotFoundError) as e:

@@ -387,3 +387,34 @@ def test_text_len_that_the_dit_overrides_warns(tmp_path, tiny_t2v_dir, write_con
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pipeline(same)
+
+
+def test_python_api_warns_on_a_distill_schedule_over_base_weights(tmp_path, tiny_t2v_dir, write_config):
+    """infer.py refuses it (above); load_pipeline warns, for deliberate comparisons, naming the same fix."""
+    from inference.loader import BaseWeightsWarning
+
+    config = write_config(tmp_path / "d.json", model_path=str(tiny_t2v_dir), denoising_step_list=[1000, 500],
+                          enable_cfg=False)
+    with pytest.warns(BaseWeightsWarning, match=r"base \(teacher\) weights.*distill_models"):
+        load_pipeline(config)
+    with pytest.raises(ValueError, match=r"on_base_weights must be one of \['error', 'warn'\]"):
+        load_pipeline(config, on_base_weights="ignore")
+
+
+def test_quantized_base_with_a_merged_lora_counts_as_distilled(tmp_path, tiny_t2v_dir, write_config):
+    """The converter merges a distill LoRA into a base DiT and writes it to <scheme>/, recording the LoRA in the
+    file's metadata: that is a distilled DiT, not base weights."""
+    from safetensors.torch import save_file
+
+    from inference.config import load_config
+    from inference.loader import dit_files
+
+    folder = _copy_folder(tiny_t2v_dir, tmp_path / "m")
+    (folder / "int8").mkdir()
+    target = folder / "int8" / "diffusion_pytorch_model.safetensors"
+    cfg = load_config(write_config(tmp_path / "q.json", model_path=str(folder), dit_quantized=True,
+                                   dit_quant_scheme="int8", denoising_step_list=[1000, 500], enable_cfg=False))
+    save_file({"x": torch.zeros(1)}, str(target), metadata={"loras": "[]"})
+    assert dit_files(cfg, folder) == ([target], False)
+    save_file({"x": torch.zeros(1)}, str(target), metadata={"loras": '[["distill_lora.safetensors", 1.0]]'})
+    assert dit_files(cfg, folder) == ([target], True)
