@@ -55,7 +55,16 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from inference.config import add_model_args, positive_int
-from inference.tasks import CANCELLED, COMPLETED, MEDIA_TYPES, QueueFull, ServerLimits, TaskManager, VideoRequest
+from inference.tasks import (
+    CANCELLED,
+    COMPLETED,
+    MEDIA_TYPES,
+    QueueFull,
+    ServerLimits,
+    TaskManager,
+    VideoRequest,
+    confined_path,
+)
 
 API_KEY_ENV = "STEPDISTILL_API_KEY"
 log = logging.getLogger("inference.server")
@@ -206,9 +215,10 @@ def create_app(manager: TaskManager, api_key: str | None = None) -> FastAPI:
         if task.status != COMPLETED:
             return JSONResponse({"detail": f"no result: the task is {task.status}", "task_id": task_id,
                                  "status": task.status, "error": task.error}, status_code=404)
-        if not task.save_path.is_file():
-            return JSONResponse({"detail": f"the result file {task.save_path} is gone", "task_id": task_id,
-                                 "status": task.status}, status_code=404)
+        if task.save_path.is_symlink() or not task.save_path.is_file():  # replaced since it was written
+            return JSONResponse({"detail": f"the result file {task.save_path.name} is gone or was replaced by a "
+                                           "link", "task_id": task_id, "status": task.status}, status_code=404)
+        confined_path(manager.output_dir, str(task.save_path), "save_result_path")  # its folders too (400)
         return FileResponse(task.save_path, media_type=MEDIA_TYPES[task.save_path.suffix.lower()],
                             filename=task.save_path.name)
 

@@ -180,6 +180,16 @@ def test_duplicate_save_result_path_is_409(t2v):
     assert np.array_equal(got, np.load(t2v.out / "dup.npy"))
 
 
+def test_result_replaced_by_a_link_is_not_served(t2v, tmp_path):
+    task = submit(t2v, save_result_path="linked.npy")
+    assert wait(t2v, task)["status"] == "completed"
+    (tmp_path / "secret.npy").write_bytes(b"secret")
+    (t2v.out / "linked.npy").unlink()
+    (t2v.out / "linked.npy").symlink_to(tmp_path / "secret.npy")  # after the task wrote it
+    r = t2v.client.get(f"/v1/tasks/{task}/result")
+    assert r.status_code == 404 and "replaced by a link" in r.json()["detail"] and b"secret" not in r.content
+
+
 # ---- cancellation inside a long stage ----------------------------------------------------------------------------
 def slow_layers(module, seconds: float):
     """Make every layer of `module` take `seconds` (a long stage made of many layers); returns the hook handles."""
