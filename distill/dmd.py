@@ -24,7 +24,7 @@ from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
-from inference.sampling import backward_simulation
+from inference.sampling import backward_simulation, gaussian_noise
 from inference.schedulers import DistillScheduler
 from models.components import build_dit, copy_components, load_dit, load_encoders
 from models.loading import (
@@ -157,7 +157,8 @@ class DMDTrainer(Trainer):
             last = micro == cfg.grad_accum - 1
             with self.no_sync("generator", last):
                 with acc.autocast():
-                    x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
+                    x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k,
+                                                  gaussian_noise(rng))
                     loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guidance_scale,
                                        cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
                                        cfg.dmd.guidance_interval)
@@ -178,7 +179,7 @@ class DMDTrainer(Trainer):
         for micro in range(cfg.grad_accum):
             cond, _, noise, rng = self._batch(step, micro, 1)
             with torch.no_grad(), acc.autocast():
-                x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, rng)
+                x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, gaussian_noise(rng))
             last = micro == cfg.grad_accum - 1
             with self.no_sync("critic", last):
                 with acc.autocast():

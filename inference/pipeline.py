@@ -21,7 +21,7 @@ from torch import Tensor
 from inference.config import InferConfig, check_video_size
 from inference.guidance import Cond, Guidance, guided_velocity
 from inference.offload import ComponentOffload, offloader
-from inference.sampling import sample
+from inference.sampling import gaussian_noise, sample
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
 from inference.video import read_image
 
@@ -74,22 +74,6 @@ def image_condition(vae, image_encoder, images: Tensor, shape: tuple[int, int, i
     mask = torch.zeros(img.shape[0], 4, f, h, w, device=latent.device)
     mask[:, :, 0] = 1.0
     return clip_fea, torch.cat([mask, latent], dim=1)
-
-
-class PerVideoSteps:
-    """A stateless scheduler (the distill one) stepped one video at a time, each with its own generator."""
-
-    def __init__(self, scheduler, generators: Sequence[torch.Generator]) -> None:
-        self.scheduler, self.generators = scheduler, list(generators)
-
-    def __getattr__(self, name: str):  # num_steps, timesteps, sigmas, ... of the wrapped scheduler
-        if name == "scheduler":  # not set yet (copy / unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.scheduler, name)
-
-    def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.cat([self.scheduler.step(v[j:j + 1], i, x[j:j + 1], generator=g)
-                          for j, g in enumerate(self.generators)])
 
 
 @dataclass
@@ -212,14 +196,13 @@ class WanPipeline:
         # the fresh noise of every step, so that video i does not depend on the batch it was generated in.
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
         noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(self.device)
-        if cfg.is_distill and cfg.distill_update == "lcm":
-            scheduler = PerVideoSteps(scheduler, gens)
         guidance = Guidance(cfg.sample_guide_scale, cfg.sample_guide_interval) if use_cfg else Guidance()
         guided = [guidance.applies_at(float(t)) for t in scheduler.timesteps.cpu()]  # the schedule is on the host
         denoise = self.make_denoiser(cond, uncond, guidance, clip_fea, y, guided)
         if self.parallel is not None:  # all ranks poll rank 0's cancel flag, so they stop at the same step
             cancel = self.parallel.sync_cancel(cancel)
-        latent = sample(denoise, noise, scheduler, callback=callback, cancel=cancel)
+        step_noise = gaussian_noise(gens) if scheduler.needs_noise else None  # video i's noise: its own generator
+        latent = sample(denoise, noise, scheduler, step_noise, callback=callback, cancel=cancel)
         if (dit_offload := offloader(self.dit)) is not None:
             dit_offload.release()  # the VAE stage gets the memory of the blocks in flight
         self.timings.add("dit", time.perf_counter() - t0)

@@ -3,7 +3,8 @@
 Three small classes with one interface:
 
     sched.set_timesteps(num_steps)      -> fills sched.sigmas [N+1] (float32, last 0) and sched.timesteps [N]
-    x = sched.step(v, i, x, generator)  -> the sample at sigmas[i+1], given v = model(x, timesteps[i])
+    x = sched.step(v, i, x, noise)      -> the sample at sigmas[i+1], given v = model(x, timesteps[i]);
+                                          `noise` (fresh N(0, I) like x) only where sched.needs_noise
 
 - `FlowUniPCScheduler`: Wan2.1's teacher solver (FlowUniPCMultistepScheduler, wan/utils/fm_solvers_unipc.py):
   UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), x0-prediction, UniC corrector from step 1 on,
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from inference.flow import shift_sigma, x0_from_v
+from inference.flow import add_noise, shift_sigma, x0_from_v
 from inference.schedule import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS, UPDATES, StudentSchedule
 
 
@@ -59,6 +60,7 @@ class _FlowScheduler:
     sigmas: Tensor | None = None
     timesteps: Tensor | None = None
     _s: list[float]  # sigmas as Python floats (host-side coefficients)
+    needs_noise = False  # True: step() re-noises and takes fresh noise from the caller (the "lcm" update)
 
     def _set_grid(self, sigmas: Tensor, timesteps: Tensor) -> None:
         self.sigmas, self.timesteps = sigmas, timesteps
@@ -93,7 +95,7 @@ class FlowEulerScheduler(_FlowScheduler):
             raise ValueError(f"sigmas must decrease strictly from <= 1 to a final 0, got {s.tolist()}")
         self._set_grid(s.float(), (s[:-1] * self.num_train_timesteps).float())
 
-    def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, v: Tensor, i: int, x: Tensor, noise: Tensor | None = None) -> Tensor:
         self._check_index(i)
         return (x + (self._s[i + 1] - self._s[i]) * v).to(x.dtype)
 
@@ -163,7 +165,7 @@ class FlowUniPCScheduler(_FlowScheduler):
         self._lams = [_lam(s) for s in self._s]
         self._reset()
 
-    def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, v: Tensor, i: int, x: Tensor, noise: Tensor | None = None) -> Tensor:
         self._check_index(i)
         dtype = x.dtype
         if i == 0:
@@ -215,7 +217,7 @@ class DistillScheduler(_FlowScheduler):
     The grid is the `StudentSchedule`'s (inference/schedule.py): sigma_j = shift(d_j / 1000), then 0;
     [1000, 750, 500, 250] @ shift 5 -> [1, 0.9375, 0.8333, 0.625, 0]; timesteps 1000 sigma_j fed as floats.
     Update with x0 = x - s v:  "euler": x_next = x0 + s_next v  (deterministic, = x + (s_next - s) v);
-    "lcm": x_next = (1 - s_next) x0 + s_next eps_new, eps_new ~ N(0, I) from `generator` (as in training).
+    "lcm": x_next = (1 - s_next) x0 + s_next eps_new, eps_new ~ N(0, I) given by the caller (as in training).
     The last step returns x0.
     """
 
@@ -232,6 +234,10 @@ class DistillScheduler(_FlowScheduler):
         self.num_train_timesteps = num_train_timesteps
         self.set_timesteps()
 
+    @property
+    def needs_noise(self) -> bool:
+        return self.mode == "lcm"
+
     @classmethod
     def from_schedule(cls, schedule: StudentSchedule, mode: str | None = None) -> DistillScheduler:
         """The scheduler of `schedule` (its update rule unless `mode` overrides it)."""
@@ -244,7 +250,7 @@ class DistillScheduler(_FlowScheduler):
                              f"got num_steps={num_steps}; change denoising_step_list instead")
         self._set_grid(self.schedule.sigmas(), self.schedule.timesteps())
 
-    def step(self, v: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, v: Tensor, i: int, x: Tensor, noise: Tensor | None = None) -> Tensor:
         self._check_index(i)
         x0 = x0_from_v(x, v, self._s[i])
         s_next = self._s[i + 1]
@@ -252,6 +258,7 @@ class DistillScheduler(_FlowScheduler):
             return x0.to(x.dtype)
         if self.mode == "euler":
             return (x0 + s_next * v).to(x.dtype)
-        device = generator.device if generator is not None else x.device
-        eps = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
-        return ((1 - s_next) * x0 + s_next * eps).to(x.dtype)
+        if noise is None:
+            raise ValueError("the lcm update re-noises with fresh Gaussian noise: pass noise= (drawn by the caller, "
+                             "e.g. inference.sampling.gaussian_noise)")
+        return add_noise(x0, noise.to(device=x.device, dtype=torch.float32), s_next).to(x.dtype)

@@ -28,7 +28,7 @@ from distill.losses import (
 )
 from distill.toy import ExactFlowModel, GaussianMixture, ToyMLP
 from inference.flow import add_noise, shift_sigma, x0_from_v
-from inference.sampling import backward_simulation, sample
+from inference.sampling import backward_simulation, gaussian_noise, sample
 from inference.schedulers import DistillScheduler, FlowEulerScheduler
 
 # Five modes on a ring, unequal weights and widths: dropping the 8% mode is as visible as dropping the 35% one.
@@ -66,7 +66,8 @@ def train_dmd(step_list: list[int], shift: float, sign: float = 1.0, seed: int =
     opt_c = torch.optim.AdamW(fake.parameters(), lr=lr_c, betas=(0.0, 0.999), weight_decay=0.0)
 
     def rollout(exit_step):
-        return backward_simulation(denoiser(gen, batch), torch.randn(batch, 2, generator=g), sched, exit_step, g)[0]
+        noise = torch.randn(batch, 2, generator=g)
+        return backward_simulation(denoiser(gen, batch), noise, sched, exit_step, gaussian_noise(g))[0]
 
     def critic_step():  # on the generator's samples at a random exit step, like the generator step (dmd.py)
         with torch.no_grad():
@@ -90,9 +91,9 @@ def train_dmd(step_list: list[int], shift: float, sign: float = 1.0, seed: int =
             opt_g.step()
         critic_step()
     with torch.no_grad():
-        final = sample(denoiser(gen, n_eval), torch.randn(n_eval, 2, generator=g), sched, generator=g)
+        final = sample(denoiser(gen, n_eval), torch.randn(n_eval, 2, generator=g), sched, gaussian_noise(g))
         m = n_eval // n
-        exits = [backward_simulation(denoiser(gen, m), torch.randn(m, 2, generator=g), sched, k, g)[0]
+        exits = [backward_simulation(denoiser(gen, m), torch.randn(m, 2, generator=g), sched, k, gaussian_noise(g))[0]
                  for k in range(n)]
     return final, torch.cat(exits)
 
@@ -172,7 +173,8 @@ def test_gradients_reach_only_the_updated_network_and_real_score_never_changes()
     cond, uncond = Cond(torch.zeros(b, 1, 1)), Cond(torch.ones(b, 1, 1))
     for exit_step in range(sched.num_steps):
         # generator step (with CFG on the real score: the batched cond/uncond path)
-        x = backward_simulation(denoiser(gen, b), torch.randn(b, 2, generator=g), sched, exit_step, g)[0]
+        noise = torch.randn(b, 2, generator=g)
+        x = backward_simulation(denoiser(gen, b), noise, sched, exit_step, gaussian_noise(g))[0]
         loss, info = dmd_loss(x, real, fake, cond, uncond, 4.0, 5.0, generator=g)
         loss.backward()
         assert all(gr is None for gr in grads(fake) + grads(real))
@@ -181,7 +183,8 @@ def test_gradients_reach_only_the_updated_network_and_real_score_never_changes()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         # critic step on a sample that still carries the generator's graph: critic_loss must cut it
-        x = backward_simulation(denoiser(gen, b), torch.randn(b, 2, generator=g), sched, sched.num_steps - 1, g)[0]
+        noise = torch.randn(b, 2, generator=g)
+        x = backward_simulation(denoiser(gen, b), noise, sched, sched.num_steps - 1, gaussian_noise(g))[0]
         assert x.requires_grad
         critic_loss(fake, x, cond, 5.0, generator=g).backward()
         assert all(gr is None for gr in grads(gen) + grads(real))
@@ -206,7 +209,8 @@ def test_backward_simulation_only_the_exit_step_has_a_graph():
     noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
     for k in range(sched.num_steps):
         calls.clear()
-        x0, x_in, t = backward_simulation(denoise, noise, sched, k, torch.Generator().manual_seed(2))
+        step_noise = gaussian_noise(torch.Generator().manual_seed(2))
+        x0, x_in, t = backward_simulation(denoise, noise, sched, k, step_noise)
         assert [c[0] for c in calls] == [False] * k + [True]  # exactly one forward with grad, the exit step
         assert [c[2] for c in calls] == [False] * k + [True]
         assert not any(c[1] for c in calls) and not x_in.requires_grad  # no earlier output carries a graph
@@ -222,11 +226,12 @@ def test_backward_simulation_only_the_exit_step_has_a_graph():
         for a, b in zip(g_sim, grads(gen)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="exit_step"):
-        backward_simulation(denoise, noise, sched, sched.num_steps)
+        backward_simulation(denoise, noise, sched, sched.num_steps, gaussian_noise(torch.Generator()))
     # the full rollout (exit at the last step) is the inference loop: same noise draws, same sample
     with torch.no_grad():
-        full = backward_simulation(denoise, noise, sched, sched.num_steps - 1, torch.Generator().manual_seed(3))[0]
-        ref = sample(denoise, noise, sched, generator=torch.Generator().manual_seed(3))
+        last = sched.num_steps - 1
+        full = backward_simulation(denoise, noise, sched, last, gaussian_noise(torch.Generator().manual_seed(3)))[0]
+        ref = sample(denoise, noise, sched, gaussian_noise(torch.Generator().manual_seed(3)))
     torch.testing.assert_close(full, ref, rtol=0, atol=0)
 
 

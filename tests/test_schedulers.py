@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.flow import add_noise, eps_from_v, expand_sigma, shift_sigma, v_from_x0_eps, x0_from_v
-from inference.sampling import Cancelled, sample
+from inference.sampling import Cancelled, gaussian_noise, sample
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler, wan_grid
 
 
@@ -117,7 +117,8 @@ def test_distill_validation(kwargs):
 # ---- solvers ----------------------------------------------------------------------------------------------
 def _run(sched, x, v_fn):
     for i in range(sched.num_steps):
-        x = sched.step(v_fn(x, i), i, x)
+        eps = torch.randn_like(x) if sched.needs_noise and i < sched.num_steps - 1 else None
+        x = sched.step(v_fn(x, i), i, x, noise=eps)
     return x
 
 
@@ -268,18 +269,31 @@ def test_distill_euler_and_lcm_updates():
     s, s1 = eul.sigmas[1].item(), eul.sigmas[2].item()
     x0 = x - s * v
     torch.testing.assert_close(eul.step(v, 1, x), x + (s1 - s) * v)  # = x0 + s_next v
-    out = lcm.step(v, 1, x, generator=torch.Generator().manual_seed(7))
     eps_new = torch.randn(2, 4, generator=torch.Generator().manual_seed(7))
+    out = lcm.step(v, 1, x, noise=eps_new)
     torch.testing.assert_close(out, (1 - s1) * x0 + s1 * eps_new)
-    assert torch.equal(out, lcm.step(v, 1, x, generator=torch.Generator().manual_seed(7)))
-    assert not torch.allclose(out, lcm.step(v, 1, x, generator=torch.Generator().manual_seed(8)))
-    # the last step returns x0 exactly, in both modes, without drawing noise
+    assert lcm.needs_noise and not eul.needs_noise
+    with pytest.raises(ValueError, match="fresh Gaussian noise"):
+        lcm.step(v, 1, x)
+    # the last step returns x0 exactly, in both modes, and needs no noise
     for sched in (eul, lcm):
-        gen = torch.Generator().manual_seed(0)
-        state = gen.get_state()
-        last = sched.step(v, 3, x, generator=gen)
-        assert torch.equal(last, x - sched.sigmas[3].item() * v)
-        assert torch.equal(gen.get_state(), state)
+        assert torch.equal(sched.step(v, 3, x), x - sched.sigmas[3].item() * v)
+
+
+def test_sample_draws_lcm_noise_per_video_and_only_between_steps():
+    """gaussian_noise with one generator per video: video j's result does not depend on the batch."""
+    sched = DistillScheduler(mode="lcm")
+    denoise = lambda x, t: torch.tanh(x)  # noqa: E731
+    x = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch.Generator().manual_seed(10 + j) for j in range(3)]  # noqa: E731
+    both = sample(denoise, x, sched, gaussian_noise(gens()))
+    alone = sample(denoise, x[1:2], sched, gaussian_noise(gens()[1:2]))
+    torch.testing.assert_close(both[1:2], alone, rtol=1e-6, atol=1e-6)
+    draws = []
+    sample(denoise, x, sched, lambda i, y: draws.append(i) or torch.zeros_like(y))
+    assert draws == [0, 1, 2]  # 4 steps: fresh noise after steps 0-2, none after the last
+    with pytest.raises(ValueError, match="step_noise"):
+        sample(denoise, x, sched)
 
 
 # ---- sample() ---------------------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ def test_sample_loop_callback_and_timesteps():
         return torch.tanh(x) - 0.1 * t[:, None, None] / 1000
 
     x = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(0))
-    out = sample(denoise, x, sched, generator=torch.Generator().manual_seed(5),
+    out = sample(denoise, x, sched, gaussian_noise(torch.Generator().manual_seed(5)),
                  callback=lambda i, n: progress.append((i, n)))
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert all(t.shape == (3,) and t.dtype == torch.float32 for t in seen_t)
@@ -300,7 +314,8 @@ def test_sample_loop_callback_and_timesteps():
     # same as the hand-written loop with the same generator
     gen, y = torch.Generator().manual_seed(5), x
     for i in range(4):
-        y = sched.step(denoise(y, sched.timesteps[i].expand(3)), i, y, generator=gen)
+        eps = torch.randn(y.shape, generator=gen) if i < 3 else None
+        y = sched.step(denoise(y, sched.timesteps[i].expand(3)), i, y, noise=eps)
     assert torch.equal(out, y)
 
 
