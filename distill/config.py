@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.shapes import ShapesWorld
+from inference.schedule import DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_UPDATE, StudentSchedule
 
 LORA_TARGETS = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)", r"blocks\.\d+\.ffn\.(0|2)")
 
@@ -83,9 +84,14 @@ class PretrainConfig:
 class DistillConfig:
     """Student geometry, shared by the ode and dmd tasks and by inference (same warped timesteps)."""
 
-    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    sample_shift: float = 5.0  # sigma_j = shift(d_j / 1000)
+    denoising_step_list: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
+    sample_shift: float = DEFAULT_SHIFT  # sigma_j = shift(d_j / 1000)
     negative_prompt: str | None = None  # uncond of the teacher's CFG; None = Wan's default negative prompt
+
+    def schedule(self) -> StudentSchedule:
+        """The student's schedule (inference/schedule.py): trained with fresh-noise rollouts (lcm)."""
+        return StudentSchedule(tuple(self.denoising_step_list), self.sample_shift, update=DEFAULT_UPDATE,
+                               trained_with="lcm")
 
 
 @dataclass
@@ -238,9 +244,10 @@ class TrainConfig:
             raise ValueError("pretrain.timestep_shift must be > 0")
         if self.task in ("ode", "dmd") and self.model.path is None:
             raise ValueError(f"task {self.task} needs model.path: the teacher's Wan-style folder")
-        steps = self.distill.denoising_step_list
-        if any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
-            raise ValueError(f"distill.denoising_step_list must be strictly decreasing in (0, 1000], got {steps}")
+        try:
+            self.distill.schedule()
+        except ValueError as e:
+            raise ValueError(f"distill.denoising_step_list / distill.sample_shift: {e}") from e
         if self.task == "ode" and self.grad_accum != 1:
             raise ValueError("task ode takes one batch per step: set grad_accum=1 (raise batch_size instead)")
         gi = self.dmd.guidance_interval

@@ -25,6 +25,7 @@ from distill.losses import Cond, critic_loss, dmd_loss
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.sampling import backward_simulation, gaussian_noise
+from inference.schedule import write_schedule
 from inference.schedulers import DistillScheduler
 from models.components import build_dit, copy_components, load_dit, load_encoders
 from models.loading import (
@@ -123,7 +124,8 @@ class DMDTrainer(Trainer):
         self.networks = {"generator": self.gen, "critic": self.critic}
         self.optimizers = {"generator": self.opt_g, "critic": self.opt_c}
         self.extra_state = {"ema": self.ema}
-        self.scheduler = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift, mode="lcm")
+        # the backward simulation re-noises with fresh noise (the schedule's trained_with, "lcm")
+        self.scheduler = DistillScheduler.from_schedule(cfg.distill.schedule(), mode="lcm")
         self.latent_shape = self.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
         self.data = self._build_data(text_len)
 
@@ -229,9 +231,10 @@ class DMDTrainer(Trainer):
 
     def infer_config(self) -> InferConfig:
         cfg = self.cfg
+        sch = cfg.distill.schedule()
         return InferConfig(task=self.task, model_cls="wan2.1_distill",
-                           denoising_step_list=cfg.distill.denoising_step_list,
-                           sample_shift=cfg.distill.sample_shift, enable_cfg=False,
+                           denoising_step_list=list(sch.denoising_step_list), sample_shift=sch.shift,
+                           distill_update=sch.update, enable_cfg=False,
                            target_video_length=cfg.data.num_frames, target_height=cfg.data.height,
                            target_width=cfg.data.width, seed=cfg.logging.sample_seed)
 
@@ -253,6 +256,7 @@ class DMDTrainer(Trainer):
             return out
         write_dit_folder(out, student, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
         copy_components(self.components_path, out)
+        write_schedule(out, self.cfg.distill.schedule())
         if self.cfg.lora.enabled:
             lora = lightx2v_lora(self.unwrap(self.gen), self.ema.state_dict() if use_ema else None)
             path = write_safetensors(lora, out / "lora" / f"distill_lora_r{self.cfg.lora.rank}.safetensors",

@@ -26,6 +26,8 @@ from omegaconf import OmegaConf
 
 from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.checkpoint import latest_checkpoint
+from distill.config import DistillConfig
+from inference.schedule import StudentSchedule, write_schedule
 from models.components import build_dit, copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, load_into, read_json, write_dit_folder, write_safetensors
 
@@ -77,6 +79,12 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], 
             key = f"{LORA_PREFIX}{module}.{suffix}" if module else f"{LORA_PREFIX}{suffix}"
             out[key] = delta
     return out, errors
+
+
+def run_schedule(info: dict) -> StudentSchedule:
+    """The student schedule a distillation run trained with (its resolved config's `distill` section)."""
+    d = info.get("distill", {})
+    return DistillConfig(**{k: d[k] for k in ("denoising_step_list", "sample_shift") if k in d}).schedule()
 
 
 def run_info(run: Path) -> dict:
@@ -140,6 +148,7 @@ def export(run: Path, out: Path, weights: str = "ema", checkpoint: Path | None =
         write_dit_folder(out, net, DTYPES[dtype])
     else:
         write_dit_folder(out, net, DTYPES[dtype], weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        write_schedule(out, run_schedule(info))
     copy_components(components, out)
     print(f"wrote {out} ({info['task']}, {weights} weights, {dtype})")
     if lora is not None:

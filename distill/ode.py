@@ -26,10 +26,12 @@ from safetensors import safe_open
 
 from distill.data import PromptBatches, build_prompt_batches
 from distill.encode_prompts import SafetensorsRows, negative_prompt, prompts_digest
-from distill.losses import Cond, guided_x0, ode_regression_loss
+from distill.losses import Cond, ode_regression_loss
 from distill.trainer import Metrics, Trainer
-from inference.flow import shift_sigma
-from inference.schedulers import DistillScheduler, FlowEulerScheduler
+from inference.flow import shift_sigma, timestep_of, unshift_sigma
+from inference.guidance import Guidance, guided_velocity
+from inference.schedule import write_schedule
+from inference.schedulers import FlowEulerScheduler
 from models.components import copy_components, load_dit, load_encoders
 from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
 
@@ -38,8 +40,8 @@ def ode_grid(student_sigmas: list[float], steps: int, shift: float) -> tuple[lis
     """A fine decreasing grid through every student sigma and 0, uniform in unshifted time within each
     interval, with steps allotted in proportion to the interval's unshifted length (>= 2 each).
     Returns (grid, indices of the student sigmas in the grid)."""
-    def unshift(s: float) -> float:  # inverse of shift_sigma
-        return s / (shift - (shift - 1) * s)
+    def unshift(s: float) -> float:
+        return unshift_sigma(s, shift)
 
     knots = [float(s) for s in student_sigmas] + [0.0]
     lengths = [unshift(a) - unshift(b) for a, b in zip(knots, knots[1:])]
@@ -65,9 +67,9 @@ def teacher_trajectory(teacher, noise: torch.Tensor, cond: Cond, uncond: Cond, g
     for i in range(sched.num_steps):
         if i in marks:
             states.append(x.clone())
-        s = torch.full((x.shape[0],), sched._s[i], device=x.device)
-        x0 = guided_x0(teacher, x, s, cond, uncond, guidance)
-        x = sched.step((x - x0) / s.view(-1, *[1] * (x.ndim - 1)), i, x)
+        t = torch.full((x.shape[0],), timestep_of(sched._s[i]), device=x.device)
+        v = guided_velocity(teacher, x, t, cond, uncond, Guidance(guidance), per_sample=True)
+        x = sched.step(v.float(), i, x)
     states.append(x)
     return torch.stack(states, dim=1)
 
@@ -118,7 +120,7 @@ class ODETrainer(Trainer):
         self.task = "i2v" if teacher.model_type in ("i2v", "flf2v") else "t2v"
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
-        self.sigmas = DistillScheduler(cfg.distill.denoising_step_list, cfg.distill.sample_shift).sigmas[:-1]
+        self.sigmas = cfg.distill.schedule().sigmas()[:-1]
         data = build_prompt_batches(cfg, self.task == "i2v", text_encoder, self.vae, image_encoder,
                                     teacher.text_len, cfg.data.seed + 7919, self.device, acc.process_index,
                                     acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
@@ -220,4 +222,5 @@ class ODETrainer(Trainer):
         out = Path(self.cfg.output_model or self.run_dir / "model")
         write_dit_folder(out, self.unwrap(self.gen), weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
         copy_components(self.components_path, out)
+        write_schedule(out, self.cfg.distill.schedule())
         return out

@@ -22,6 +22,8 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
+from inference.schedule import DEFAULT_UPDATE, StudentSchedule
+
 # Wan2.1's default negative prompt (garish colours, overexposed, static, blurry details, subtitles, ...).
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -113,7 +115,7 @@ class InferConfig:
     infer_steps: int = 50
     sample_solver: str = "unipc"  # teacher solver: unipc | euler
     denoising_step_list: list[int] | None = None  # set => few-step distill scheduler
-    distill_update: str = "euler"  # euler (deterministic) | lcm (fresh noise per step, as in training)
+    distill_update: str = DEFAULT_UPDATE  # lcm (fresh noise per step, as in training) | euler (deterministic)
     sample_shift: float = 5.0
     enable_cfg: bool = True
     sample_guide_scale: float = 5.0  # standard CFG: uncond + w (cond - uncond); w = 1 is no guidance
@@ -159,6 +161,12 @@ class InferConfig:
     def is_distill(self) -> bool:
         return self.denoising_step_list is not None
 
+    def schedule(self) -> StudentSchedule | None:
+        """The few-step student's schedule (None for a teacher config)."""
+        if not self.is_distill:
+            return None
+        return StudentSchedule(tuple(self.denoising_step_list), self.sample_shift, self.distill_update)
+
     def validate(self) -> None:
         _choice("task", self.task, TASKS)
         if self.model_cls in UNSUPPORTED_MODEL_CLASSES:
@@ -185,13 +193,8 @@ class InferConfig:
             raise ValueError(f"sample_guide_interval must be [t_min, t_max] with 0 <= t_min < t_max <= 1000 "
                              f"(timesteps, 1000 = pure noise), got {interval}")
         check_video_size(self.target_video_length, self.target_height, self.target_width)
-        if self.model_cls == "wan2.1_distill" and self.denoising_step_list is None:
-            raise ValueError("model_cls 'wan2.1_distill' needs a denoising_step_list, e.g. [1000, 750, 500, 250]")
         if self.is_distill:
-            steps = self.denoising_step_list
-            if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or not 0 < steps[-1] <= steps[0] <= 1000:
-                raise ValueError(f"denoising_step_list must be non-empty and strictly decreasing within (0, 1000], "
-                                 f"got {steps}")
+            steps = self.schedule().denoising_step_list  # the schedule's rules (inference/schedule.py)
             if self.infer_steps != len(steps):
                 # LightX2V: infer_steps of the distill scheduler = len(denoising_step_list).
                 self.infer_steps = len(steps)

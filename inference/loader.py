@@ -13,6 +13,7 @@ from inference.config import InferConfig, load_config
 from inference.lora import apply_lora_configs
 from inference.lora_keys import resolve_lora_path
 from inference.pipeline import WanPipeline
+from inference.schedule import SCHEDULE_FILE, read_schedule
 from models.components import load_dit
 from models.diffusers_folder import load_any_folder
 from models.loading import DISTILL_DIR, DISTILL_NAMES, DIT_WEIGHTS, find_dit_weights
@@ -148,24 +149,66 @@ def check_weight_files(cfg: InferConfig, folder: Path, on_base_weights: str = "e
             check_safetensors(lora, "LoRA file")
 
 
+def with_folder_schedule(cfg: InferConfig, folder: Path) -> InferConfig:
+    """An exported student folder carries the schedule it was trained with (`schedule.json`): a config without a
+    schedule adopts it (no hand-written config needed), a config whose schedule differs is an error naming both."""
+    trained = read_schedule(folder)
+    if trained is None:
+        if cfg.model_cls == "wan2.1_distill" and not cfg.is_distill:
+            raise ValueError(f"model_cls 'wan2.1_distill' needs the student's schedule: {folder} has no "
+                             f"{SCHEDULE_FILE}, so set denoising_step_list (e.g. [1000, 750, 500, 250]) and "
+                             f"sample_shift in the config")
+        return cfg
+    if not cfg.is_distill:
+        return cfg.replace(model_cls="wan2.1_distill", denoising_step_list=list(trained.denoising_step_list),
+                           sample_shift=trained.shift, distill_update=trained.update, enable_cfg=False)
+    if not cfg.schedule().same_timesteps(trained):
+        raise ValueError(f"the config's schedule ({cfg.schedule().describe()}) differs from the one the student in "
+                         f"{folder} was trained with ({trained.describe()}, {folder / SCHEDULE_FILE}): a student "
+                         f"only works at its own timesteps; remove denoising_step_list / sample_shift from the "
+                         f"config to use the folder's, or set them to match")
+    return cfg
+
+
 def check_before_loading(cfg: InferConfig, model_path: str | Path | None = None) -> Path:
-    """What the command lines check before any network loads: the model folder exists, no truncated weight file,
-    and a distill schedule has distilled weights or a LoRA (an error here, not a warning). Returns the folder."""
+    """What the command lines check before any network loads: the model folder exists, its schedule agrees with
+    the config's, no truncated weight file, and a distill schedule has distilled weights or a LoRA (an error
+    here, not a warning). Returns the folder."""
     folder = resolve_model_path(cfg, model_path)
+    cfg = with_folder_schedule(cfg, folder)
     check_weight_files(cfg, folder, on_base_weights="error")
     return folder
 
 
-def load_pipeline(config: str | Path | InferConfig, model_path: str | Path | None = None,
+def config_for_folder(folder: str | Path, **overrides) -> InferConfig:
+    """An inference config for an exported model folder alone: the task from its DiT config.json, the schedule
+    from its schedule.json (`with_folder_schedule`), every other key a default or an override."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a model folder (pass an inference config)")
+    task = json.loads(cfg_file.read_text()).get("model_type", "t2v")
+    return InferConfig(**{"task": task, "model_path": str(folder), **overrides})
+
+
+def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Path | None = None,
                   on_base_weights: str = "warn", **overrides) -> WanPipeline:
     """Load the networks named by `config` (a JSON path or an InferConfig) once; returns the pipeline.
 
+    `config=None` with `model_path` an exported student folder needs no config file: the folder's task and
+    schedule are used (`config_for_folder`), other keys come from the defaults and `overrides`.
+
     `on_base_weights`: a distill schedule with only base weights and no LoRA (blurry videos) is an "error" (what
     infer.py, the server and the web UI ask for) or a BaseWeightsWarning ("warn": deliberate comparisons)."""
-    cfg = load_config(config, **overrides) if not isinstance(config, InferConfig) else config
-    if overrides and isinstance(config, InferConfig):
-        cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if config is None:
+        if model_path is None:
+            raise ValueError("load_pipeline needs a config, or model_path (an exported model folder) to read one from")
+        cfg = config_for_folder(resolve_model_path(InferConfig(), model_path), **overrides)
+    elif isinstance(config, InferConfig):
+        cfg = config.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else config
+    else:
+        cfg = load_config(config, **overrides)
     folder = resolve_model_path(cfg, model_path)
+    cfg = with_folder_schedule(cfg, folder)
     check_weight_files(cfg, folder, on_base_weights)
     if cfg.use_tiling_vae:
         check_vae_tiling(folder, cfg.vae_tile_size, cfg.vae_tile_overlap)  # the tile rule, before any weight is read

@@ -29,7 +29,7 @@ from inference.video import read_image
 def make_scheduler(cfg: InferConfig):
     """The scheduler the config asks for: the few-step distill one when `denoising_step_list` is set."""
     if cfg.is_distill:
-        return DistillScheduler(cfg.denoising_step_list, shift=cfg.sample_shift, mode=cfg.distill_update)
+        return DistillScheduler.from_schedule(cfg.schedule())
     if cfg.sample_solver == "euler":
         return FlowEulerScheduler(shift=cfg.sample_shift)
     return FlowUniPCScheduler(shift=cfg.sample_shift)

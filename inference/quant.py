@@ -35,6 +35,7 @@ from inference.quantized import (
     scheme_info,
     subdir_name,
 )
+from inference.schedule import read_schedule, write_schedule
 from models.components import copy_components, load_dit
 from models.loading import (
     DIT_CONFIG,
@@ -118,6 +119,8 @@ def convert(model_path: str | Path, out: str | Path | None, scheme: str, loras: 
         out.mkdir(parents=True, exist_ok=True)
         (out / DIT_CONFIG).write_text(json.dumps(model.config, indent=2) + "\n")
         copy_components(model_path, out)
+        if src.kind == "distill" and (schedule := read_schedule(model_path)) is not None:
+            write_schedule(out, schedule)  # the same student: its schedule travels with it
     meta = {"format": FORMAT, "quant_scheme": scheme, "source": str(src.path),
             "loras": json.dumps([[str(p), s] for p, s in loras])}
     path = write_safetensors(state, sub / DIT_WEIGHTS, metadata=meta)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from inference.flow import add_noise, shift_sigma, x0_from_v
-from inference.schedule import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS, UPDATES, StudentSchedule
+from inference.schedule import DEFAULT_STEPS, DEFAULT_UPDATE, NUM_TRAIN_TIMESTEPS, UPDATES, StudentSchedule
 
 
 def _check_shift(shift: float) -> float:
@@ -222,7 +222,7 @@ class DistillScheduler(_FlowScheduler):
     """
 
     def __init__(self, denoising_step_list: Sequence[int] = DEFAULT_STEPS, shift: float = 5.0,
-                 mode: str = "euler", num_train_timesteps: int = 1000):
+                 mode: str = DEFAULT_UPDATE, num_train_timesteps: int = 1000):
         if num_train_timesteps != NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"the distill scheduler works on {NUM_TRAIN_TIMESTEPS} training timesteps, "
                              f"got {num_train_timesteps}")

@@ -164,7 +164,10 @@ def generation_overrides(cfg: InferConfig, height: float | None, width: float | 
     if steps_ < 1:
         raise InputError(f"steps must be >= 1, got {steps_}")
     out["infer_steps"] = steps_
-    if shift is not None:
+    if shift is not None and cfg.is_distill and float(shift) != cfg.sample_shift:
+        raise InputError(f"this distilled model samples at its training schedule ({cfg.schedule().describe()}): "
+                         f"the shift cannot change, got {shift}")
+    if shift is not None and not cfg.is_distill:
         if shift <= 0:
             raise InputError(f"shift must be > 0, got {shift}")
         out["sample_shift"] = float(shift)
@@ -282,7 +285,8 @@ def build_ui(pipe: WanPipeline, cfg: InferConfig, lora_dir: str | Path | None = 
                                       info="fixed by denoising_step_list" if distill else "denoising steps",
                                       elem_id="steps")
                 with gr.Row():
-                    shift = gr.Number(cfg.sample_shift, label="Shift", info="timestep shift, > 0", elem_id="shift")
+                    shift = gr.Number(cfg.sample_shift, label="Shift", interactive=not distill, elem_id="shift",
+                                      info="fixed by the student's schedule" if distill else "timestep shift, > 0")
                     cfg_scale = gr.Number(default_cfg_scale(cfg), label="CFG scale", info="1 = off",
                                           elem_id="cfg_scale")
                 with gr.Accordion("LoRA (runtime, switchable without reloading)", open=False):

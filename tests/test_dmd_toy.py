@@ -347,7 +347,7 @@ class PointModel(nn.Module):
 def test_ode_regression_loss_zero_for_the_exact_model_positive_otherwise():
     g = torch.Generator().manual_seed(0)
     x_star = torch.tensor([[0.75, -1.5]])
-    sched = DistillScheduler(FOUR_STEP[0], shift=5.0)
+    sched = DistillScheduler(FOUR_STEP[0], shift=5.0, mode="euler")
     b = 4
     eps = torch.randn(b, 2, generator=g)
     # teacher trajectories of a point mass are straight lines: the states at the student's warped sigmas
@@ -362,7 +362,7 @@ def test_ode_regression_loss_zero_for_the_exact_model_positive_otherwise():
     # the exact model's own ODE lands on x_star (the endpoint the regression targets), and a learnable net
     # gets a positive loss with gradients
     with torch.no_grad():
-        end = sample(denoiser(PointModel(x_star), b), eps, DistillScheduler(FOUR_STEP[0], shift=5.0))
+        end = sample(denoiser(PointModel(x_star), b), eps, DistillScheduler(FOUR_STEP[0], shift=5.0, mode="euler"))
     torch.testing.assert_close(end, x_star.expand(b, 2), rtol=0, atol=1e-5)
     net = ToyMLP(hidden=16)
     s_k = torch.full((b,), float(sched.sigmas[1]))

@@ -105,6 +105,7 @@ def check_lora_file(path: Path, base: dict, student: dict, rank: int, tol: float
 
 def test_export_cli_folder_and_lora(dmd_run, tmp_path, tiny_t2v_dir, make_config):
     from inference.loader import load_pipeline
+    from inference.schedule import StudentSchedule, read_schedule
     from models.components import load_dit
 
     out, lora = tmp_path / "student", tmp_path / "lora-r4.safetensors"
@@ -114,8 +115,10 @@ def test_export_cli_folder_and_lora(dmd_run, tmp_path, tiny_t2v_dir, make_config
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert (out / "distill_models" / "distill_model.safetensors").is_file() and (out / "config.json").is_file()
-    pipe = load_pipeline(make_config("t2v", model_cls="wan2.1_distill", denoising_step_list=[1000, 750, 500, 250],
-                                     enable_cfg=False), out)
+    # the export carries the run's schedule: a config without one adopts it (no hand-written step list)
+    assert read_schedule(out) == StudentSchedule()
+    pipe = load_pipeline(make_config("t2v", enable_cfg=False), out)
+    assert pipe.cfg.schedule() == StudentSchedule()
     frames = pipe.generate(["a red circle moving left"], seed=0)
     assert frames.shape == (1, 5, 32, 32, 3)
     # bf16 (the default): the student file and the LoRA are bf16; the merge matches up to bf16 rounding
