@@ -57,6 +57,12 @@ def http(name: str, expect: str, body: dict[str, Any] | str, method: str = "POST
     return BadInput(name, ("HTTP", method, path, text), expect)
 
 
+def train(name: str, expect: str, *args: str, config: str = "configs/tiny/t2v_dmd.yaml") -> BadInput:
+    """A train.py case (run_dir inside the fixtures, so nothing outside them is written)."""
+    run = ("run_dir={tmp}/runs/" + name.replace(" ", "_"),) if not any(a.startswith("run_dir=") for a in args) else ()
+    return BadInput(name, ("train.py", "--config", config, *run, *args), expect)
+
+
 CASES: list[BadInput] = [
     # ---- infer.py: the config file
     infer("config missing", "inference config not found", config="{tmp}/nope.json"),
@@ -112,6 +118,18 @@ CASES: list[BadInput] = [
     infer("LoRA file truncated", "lora_cut.safetensors is truncated", "--lora_path", "{tmp}/lora_cut.safetensors"),
     infer("I2V config on a T2V model", "does not match the DiT", "--model_path", "checkpoints/tiny-t2v-distill-4step",
           "--image_path", "{tmp}/frame.png", config=I2V),
+    # ---- train.py
+    train("training config missing", "not found", config="{tmp}/nope.yaml"),
+    train("training YAML garbled", "is not valid YAML", config="{tmp}/garbled.yaml"),
+    train("training YAML a list", "must be a mapping of keys", config="{tmp}/list.yaml"),
+    train("training key unknown", "max_stepz", "max_stepz=10"),
+    train("training value of the wrong type", "max_steps", "max_steps=abc"),
+    train("training seed negative", "seed must be in [0, 2**32 - 1]", "seed=-1"),
+    train("training max_update negative", "optim.max_update must be >= 0", "optim.max_update=-1"),
+    train("training step list not decreasing", "strictly decreasing", "distill.denoising_step_list=[250,500]"),
+    train("training checkpoints path a file", "exists and is a file", "run_dir={tmp}/ckfile_run"),
+    train("teacher weights truncated", "(model.path) is not a complete safetensors file",
+          "model.path={tmp}/cut_teacher"),
     # ---- the HTTP server
     http("frames beyond the limit", "--max_frames", {"prompt": P, "target_video_length": 100001}),
     http("frames not 4n+1", "4n+1", {"prompt": P, "target_video_length": 6}),
@@ -155,6 +173,13 @@ def _png(path: Path, size: int = 48) -> bytes:
 def make_fixtures(tmp: Path) -> None:
     """Write every file the cases refer to under `tmp`."""
     (tmp / "out").mkdir()
+    (tmp / "garbled.yaml").write_text("task: [pretrain\n  lr: :\n")
+    (tmp / "list.yaml").write_text("- task: pretrain\n")
+    (tmp / "ckfile_run").mkdir()
+    (tmp / "ckfile_run" / "checkpoints").write_text("not a folder")
+    shutil.copytree("checkpoints/tiny-t2v-teacher", tmp / "cut_teacher")
+    teacher = tmp / "cut_teacher" / "diffusion_pytorch_model.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:1000])
     (tmp / "garbled.json").write_text('{"infer_steps": 4,')
     (tmp / "list.json").write_text("[1, 2]")
     (tmp / "latin1.json").write_bytes(b'{"sample_neg_prompt": "caf\xe9"}')

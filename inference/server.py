@@ -60,6 +60,7 @@ from inference.tasks import (
     COMPLETED,
     MEDIA_TYPES,
     QueueFull,
+    RequestError,
     ServerLimits,
     TaskManager,
     VideoRequest,
@@ -186,6 +187,10 @@ def create_app(manager: TaskManager, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="stepdistill video server", lifespan=lifespan, dependencies=[Depends(require_api_key(api_key))])
     app.add_middleware(BodySizeLimit, max_bytes=manager.limits.max_body_bytes)
     app.state.manager = manager
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, e: RequestError) -> JSONResponse:  # the queue's refusals, as HTTP answers
+        return JSONResponse({"detail": e.detail}, status_code=e.status_code)
 
     @app.post("/v1/tasks/video/")
     def create_video_task(req: VideoRequest) -> JSONResponse:

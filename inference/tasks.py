@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inference.video import FORMATS, decode_image
@@ -91,9 +90,18 @@ class VideoRequest(BaseModel):
         return v or None
 
 
-def field_error(name: str, msg: str, value: Any = None) -> HTTPException:
+class RequestError(Exception):
+    """A request the task queue refuses: `status` (HTTP-style code) and `detail` (a message, or FastAPI's list of
+    field errors). The queue knows nothing of HTTP; inference/server.py maps this onto a response."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail if isinstance(detail, str) else str(detail))
+        self.status_code, self.detail = status, detail
+
+
+def field_error(name: str, msg: str, value: Any = None) -> RequestError:
     """A 422 shaped like FastAPI's own validation errors, for checks that need the server's state."""
-    return HTTPException(422, detail=[{"type": "value_error", "loc": ["body", name], "msg": msg, "input": value}])
+    return RequestError(422, detail=[{"type": "value_error", "loc": ["body", name], "msg": msg, "input": value}])
 
 
 # ---- limits (issue 15: one request must not tie up the server) -------------------------------------
@@ -196,7 +204,7 @@ def read_confined_image(base: Path, path: Path, max_bytes: int) -> bytes:
     refused), and not larger than `max_bytes`. ValueError naming the problem."""
     try:
         resolved = confined_path(base, str(path), "image_path")
-    except HTTPException as e:
+    except RequestError as e:
         raise ValueError(f"image_path changed since submission: {e.detail}") from None
     try:
         fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -218,12 +226,12 @@ def confined_path(base: Path, user_path: str, field_name: str) -> Path:
     root = base.resolve()
     p = Path(user_path)
     if "\x00" in user_path:
-        raise HTTPException(400, f"{field_name} contains a NUL byte (\\x00), which no file name can hold")
+        raise RequestError(400, f"{field_name} contains a NUL byte (\\x00), which no file name can hold")
     if ".." in p.parts:
-        raise HTTPException(400, f"{field_name} must not contain '..': got {user_path!r}")
+        raise RequestError(400, f"{field_name} must not contain '..': got {user_path!r}")
     resolved = (root / p).resolve()  # an absolute p replaces root; resolve() follows symlinks on the way
     if not resolved.is_relative_to(root):
-        raise HTTPException(400, f"{field_name} {user_path!r} leads outside the server's directory for it "
+        raise RequestError(400, f"{field_name} {user_path!r} leads outside the server's directory for it "
                                  f"({root}); give a path inside it")
     return resolved
 
@@ -236,15 +244,15 @@ def lora_files(lora_dir: Path) -> list[str]:
 def find_lora(lora_dir: Path | None, name: str) -> Path:
     """The file for `lora_name`: a plain file name in `lora_dir`, the extension optional; 400/404 otherwise."""
     if lora_dir is None:
-        raise HTTPException(400, "lora_name needs a server started with --lora_dir")
+        raise RequestError(400, "lora_name needs a server started with --lora_dir")
     if name in (".", "..") or Path(name).name != name or "\\" in name or "\x00" in name:
-        raise HTTPException(400, f"lora_name must be a file name in the LoRA directory, got {name!r}")
+        raise RequestError(400, f"lora_name must be a file name in the LoRA directory, got {name!r}")
     names = [name] if Path(name).suffix in LORA_SUFFIXES else [name + s for s in LORA_SUFFIXES]
     for candidate in names:
         path = lora_dir / candidate
         if path.is_file():
             return confined_path(lora_dir, candidate, "lora_name")  # a symlink out of lora_dir is refused
-    raise HTTPException(404, f"no LoRA named {name!r} in the LoRA directory; available: {lora_files(lora_dir)}")
+    raise RequestError(404, f"no LoRA named {name!r} in the LoRA directory; available: {lora_files(lora_dir)}")
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
@@ -339,7 +347,7 @@ class TaskManager:
             raise field_error("image_path", "this server runs i2v: image_path (relative to the input directory) "
                                             "is required")
         if cfg.task == "t2v" and req.image_path is not None:
-            raise HTTPException(400, "image_path is for i2v; this server runs t2v")
+            raise RequestError(400, "image_path is for i2v; this server runs t2v")
         overrides: dict[str, int] = {}
         if req.infer_steps is not None:
             if cfg.is_distill and req.infer_steps != len(cfg.denoising_step_list):
@@ -369,17 +377,17 @@ class TaskManager:
         if payload is not None:
             return None, decode_inline_image(payload, self.limits.max_image_bytes)
         if self.input_dir is None:
-            raise HTTPException(400, "image_path needs a server started with --input_dir (or send the image as "
+            raise RequestError(400, "image_path needs a server started with --input_dir (or send the image as "
                                      "base64 / a data URL)")
         image = confined_path(self.input_dir, image_path, "image_path")
         if not image.is_file():
-            raise HTTPException(400, f"image_path {image_path!r} is not a file in the input directory")
+            raise RequestError(400, f"image_path {image_path!r} is not a file in the input directory")
         return image, None
 
     def submit(self, task: Task) -> Task:
         with self._cond:
             if self._stopping:
-                raise HTTPException(503, "the server is shutting down")
+                raise RequestError(503, "the server is shutting down")
             if len(self._queue) >= self.max_queue_size:
                 raise QueueFull(f"the queue is full ({len(self._queue)} of {self.max_queue_size} pending); "
                                 "retry later")
@@ -397,10 +405,10 @@ class TaskManager:
         owner = next((t for t in self._tasks.values() if t.save_path == path and t.status not in (FAILED, CANCELLED)),
                      None)
         if owner is not None:
-            raise HTTPException(409, f"save_result_path {path.name!r} is already the result of task "
+            raise RequestError(409, f"save_result_path {path.name!r} is already the result of task "
                                      f"{owner.task_id} ({owner.status}); choose another name or leave it out")
         if path.exists():
-            raise HTTPException(409, f"save_result_path {path.name!r} already exists in the output directory; "
+            raise RequestError(409, f"save_result_path {path.name!r} already exists in the output directory; "
                                      "choose another name or leave it out (default: <task_id>.mp4)")
 
     def _prune(self) -> None:
@@ -413,7 +421,7 @@ class TaskManager:
         with self._cond:
             task = self._tasks.get(task_id)
         if task is None:
-            raise HTTPException(404, f"unknown task id {task_id!r}")
+            raise RequestError(404, f"unknown task id {task_id!r}")
         return task
 
     def status(self, task_id: str) -> dict[str, Any]:
@@ -431,7 +439,7 @@ class TaskManager:
             elif task.status == PROCESSING:
                 task.cancel_event.set()
             else:
-                raise HTTPException(409, f"task {task_id} already finished: {task.status}")
+                raise RequestError(409, f"task {task_id} already finished: {task.status}")
         return task
 
     # ---- reports -------------------------------------------------------------------------------

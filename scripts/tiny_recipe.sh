@@ -3,8 +3,8 @@
 #   bash scripts/tiny_recipe.sh components|t2v_teacher|i2v_teacher|t2v_student|t2v_lora_mode|i2v_student|tables|all
 #   bash scripts/tiny_recipe.sh sweep      # DMD variants (init x lr, full vs LoRA mode) -> one quality table
 #   bash scripts/tiny_recipe.sh lanes      # everything after the T2V teacher as parallel lanes (a GPU machine)
-#   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (README)
-#   bash scripts/tiny_recipe.sh guide_interval   # CFG in a timestep interval: teachers and DMD (README)
+#   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (docs/results.md)
+#   bash scripts/tiny_recipe.sh guide_interval   # CFG in a timestep interval: teachers and DMD (docs/results.md)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
 # The training configs write <run_dir>/model only; the shipped models under checkpoints/ are written here and
 # nowhere else, each by an explicit `distill.export --out checkpoints/...` after its training stage.
@@ -65,7 +65,7 @@ tables() {
   $PY -m benchmarks.speed --repeats 5 --out $R/t2v_speed --config $T --config configs/tiny/t2v_distill_4step.json
 }
 
-teacher_probes() {  # why squares fail (README, "What misses its target"): shape probe, samplers, larger objects
+teacher_probes() {  # why squares fail (docs/results.md): shape probe, samplers, larger objects
   T=configs/tiny/t2v_teacher.json
   $PY -m benchmarks.shape_probe --config $T --out $R/t2v_teacher_shape_probe
   $PY -m benchmarks.quality --prompts 96 --seeds 1 --out $R/t2v_teacher_samplers --config $T \
@@ -92,7 +92,7 @@ no_interval() {  # the students shipped before the guidance interval: the same r
       run_dir=runs/tiny_i2v_dmd_no_interval output_model=runs/i2v_student_no_interval $N $EXTRA
 }
 
-guide_interval() {  # CFG only for t in [t_min, t_max] (README "Guidance interval"): teachers, then DMD through it
+guide_interval() {  # CFG only for t in [t_min, t_max] (docs/results.md "Guidance interval"): teachers, then DMD through it
   T=configs/tiny/t2v_teacher.json I=configs/tiny/i2v_teacher.json S=configs/tiny/t2v_distill_4step.json
   L=configs/tiny/t2v_distill_4step_lora_mode.json
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_teacher_guide_interval --config $T \

@@ -39,7 +39,7 @@ def test_shape_labels_check_and_sheets(tmp_path):
     assert "| evaluator (area + centroid template IoU) | `all` | 100.0% | 12 |" in table
     assert "Labels equal to the prompt's shape: 12 of 12 tiles (0 unclear)" in table
     ragged = _defect(world.render("a red square moving left", 0), "ragged", rng)
-    assert box_template_shape(ragged) == "circle"  # why the rule was replaced (README, "Reading shapes")
+    assert box_template_shape(ragged) == "circle"  # why the rule was replaced (docs/results.md, "Reading shapes")
     with pytest.raises(ValueError, match="missing tiles"):
         check(items, {k: v for k, v in labels.items() if k != "3"})
     with pytest.raises(ValueError, match="unknown values"):

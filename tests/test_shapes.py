@@ -170,7 +170,7 @@ def _defect(frames: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
 
 @pytest.mark.parametrize("kind", ["holes", "ragged", "halo"])
 def test_shape_reading_survives_generation_defects(kind):
-    """Generated objects are rarely clean (README, "Reading shapes"): speckled, ragged or haloed objects keep
+    """Generated objects are rarely clean (docs/results.md, "Reading shapes"): speckled, ragged or haloed objects keep
     their shape, in each direction (no shape gains what another loses)."""
     rng = np.random.default_rng(0)
     world = ShapesWorld(9, 48, 48)
