@@ -81,8 +81,12 @@ def check_weight_files(cfg: TrainConfig) -> None:
     garbled file is an error naming it, before any model is built."""
     folders = [("model.path", cfg.model.path, False), ("model.generator_init", cfg.model.generator_init, True)]
     for key, folder, distill in folders:
-        if folder is None or not Path(folder).is_dir():
-            continue  # a missing folder is reported by the loader, which names it
+        if folder is None:
+            continue
+        if not Path(folder).is_dir():
+            hint = " (the tiny I2V teacher is made by: bash scripts/tiny_recipe.sh i2v_teacher)" \
+                if Path(folder).name == "tiny-i2v-teacher" else ""
+            raise FileNotFoundError(f"{key}: model folder not found: {folder}{hint}")
         for f in dit_weight_files(Path(folder), distill):
             if f.suffix != ".safetensors" or not f.is_file():
                 continue
