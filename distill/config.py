@@ -100,10 +100,10 @@ class DMDConfig:
     (w = 1: none):
     Self-Forcing's g = 3 is w = 4 here; Self-Forcing-Plus T2V g = 5 -> w = 6, I2V g = 6 -> w = 7."""
 
-    guidance_scale: float = 6.0
+    guide_scale: float = 6.0
     # [t_min, t_max] (0-1000): the teacher's CFG only at critic timesteps inside, w = 1 outside (guidance in a
     # limited interval, as the sampler's sample_guide_interval); None: every timestep
-    guidance_interval: list[float] | None = None
+    guide_interval: list[float] | None = None
     critic_shift: float = 5.0  # critic timestep: s = shift(u), t = 1000 s clamped to [t_min, t_max]
     t_min: float = 20.0
     t_max: float = 980.0
@@ -122,7 +122,7 @@ class ODEConfig:
     trajectories: str = "runs/ode_trajectories"  # folder of safetensors shards (generated if missing)
     num_trajectories: int = 256
     teacher_steps: int = 50
-    guidance_scale: float = 5.0
+    guide_scale: float = 5.0
     teacher_shift: float = 3.0
     shard_size: int = 32
 
@@ -250,9 +250,9 @@ class TrainConfig:
             raise ValueError(f"distill.denoising_step_list / distill.sample_shift: {e}") from e
         if self.task == "ode" and self.grad_accum != 1:
             raise ValueError("task ode takes one batch per step: set grad_accum=1 (raise batch_size instead)")
-        gi = self.dmd.guidance_interval
+        gi = self.dmd.guide_interval
         if gi is not None and (len(gi) != 2 or not 0 <= gi[0] < gi[1] <= 1000):
-            raise ValueError(f"dmd.guidance_interval must be [t_min, t_max] with 0 <= t_min < t_max <= 1000, got {gi}")
+            raise ValueError(f"dmd.guide_interval must be [t_min, t_max] with 0 <= t_min < t_max <= 1000, got {gi}")
         if self.dmd.dfake_gen_update_ratio < 1:
             raise ValueError("dmd.dfake_gen_update_ratio must be >= 1")
         if not 0 <= self.dmd.t_min < self.dmd.t_max <= 1000:

@@ -161,9 +161,9 @@ class DMDTrainer(Trainer):
                 with acc.autocast():
                     x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k,
                                                   gaussian_noise(rng))
-                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guidance_scale,
+                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guide_scale,
                                        cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
-                                       cfg.dmd.guidance_interval)
+                                       cfg.dmd.guide_interval)
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
                     return {"generator_skipped": 1.0}

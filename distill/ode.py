@@ -186,7 +186,7 @@ class ODETrainer(Trainer):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7717 + shard)
         noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
         states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
-                                    cfg.guidance_scale, self.sigmas.tolist(), cfg.teacher_steps,
+                                    cfg.guide_scale, self.sigmas.tolist(), cfg.teacher_steps,
                                     cfg.teacher_shift).cpu()
         tensors = {"states": states}
         if cond.y is not None:

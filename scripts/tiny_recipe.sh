@@ -80,7 +80,7 @@ teacher_probes() {  # why squares fail (docs/results.md): shape probe, samplers,
 }
 
 no_interval() {  # the students shipped before the guidance interval: the same recipes with CFG at every critic step
-  local N="dmd.guidance_interval=null logging.sample_every=0"
+  local N="dmd.guide_interval=null logging.sample_every=0"
   [ -d runs/student_no_interval ] || $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml \
       model.generator_init=runs/tiny_t2v_ode/model run_dir=runs/tiny_t2v_dmd_no_interval \
       output_model=runs/student_no_interval $N $EXTRA

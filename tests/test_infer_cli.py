@@ -16,6 +16,7 @@ import torch
 import infer
 import inference.loader
 from inference.loader import load_pipeline
+from tests.test_pipeline import assert_videos_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,8 +103,8 @@ def test_prompt_file_batches_keep_per_video_seeds(tmp_path, t2v_config):
     assert infer.main(["--config", str(t2v_config), "--prompt_file", str(tmp_path / "p.txt"), "--output_dir",
                        str(tmp_path / "o"), "--format", "npy", "--batch_size", "2"]) == 0
     ref = _reference(t2v_config, seed=5, prompts=prompts)
-    for i in range(3):
-        np.testing.assert_array_equal(np.load(tmp_path / "o" / f"{i:06d}.npy"), ref[i])
+    for i in range(3):  # batches of 2 vs one batch of 3: other float kernels, so +-1 per uint8 value
+        assert_videos_close(np.load(tmp_path / "o" / f"{i:06d}.npy"), ref[i], f"video {i}")
 
 
 def test_i2v_cli(tmp_path, i2v_config):

@@ -73,7 +73,7 @@ def test_config_unknown_key_in_yaml_names_it(tmp_path):
     (["data.cfg_dropout=1.0"], r"cfg_dropout"),
     (["mixed_precision=fp8"], r"mixed_precision"),
     (["data.object_size=[0.3]"], r"object_size must be \[min, max\]"),
-    (["dmd.guidance_interval=[900,100]"], r"dmd.guidance_interval must be \[t_min, t_max\]"),
+    (["dmd.guide_interval=[900,100]"], r"dmd.guide_interval must be \[t_min, t_max\]"),
     (["data.object_size=[0.6,0.9]"], r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"),
     (["max_steps=100", "optim.decay_steps=101"], r"optim.decay_steps must be in \[0, max_steps=100\]"),
 ])
@@ -100,8 +100,8 @@ def test_lr_schedule_warmup_stable_decay():
 
 
 def test_config_defaults_yaml_overrides():
-    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", ["optim.lr=1e-3", "dmd.guidance_scale=3"])
-    assert cfg.task == "dmd" and cfg.optim.lr == 1e-3 and cfg.dmd.guidance_scale == 3.0
+    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", ["optim.lr=1e-3", "dmd.guide_scale=3"])
+    assert cfg.task == "dmd" and cfg.optim.lr == 1e-3 and cfg.dmd.guide_scale == 3.0
     assert cfg.distill.denoising_step_list == [1000, 750, 500, 250]
     assert cfg.dmd.t_min == 20.0  # a default (not in the YAML)
     assert cfg.dmd.dfake_gen_update_ratio == 5 and cfg.optim.betas == [0.0, 0.999]  # from the YAML
