@@ -143,7 +143,7 @@ def test_config_headers_match_the_planner_and_launch_what_fits(path):
     assert cfg.data.text_store and p.host_memory[next(k for k in p.host_memory if k.startswith("text:"))] < 0.01
 
 
-def test_host_ram_items():
+def test_host_ram_items(tiny_i2v_dir):
     cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml")
     no_store = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["data.text_store=null"])
     gib = 1024**3
@@ -170,5 +170,5 @@ def test_host_ram_items():
     assert 2.5 < i2v.memory["I2V encoders (CLIP + VAE, fp32)"] < 3.0
     assert "I2V encoders (CLIP + VAE, fp32)" not in fsdp.memory
     # an I2V teacher folder under the default (T2V) spec name: the I2V components of its family
-    tiny = estimate(load_train_config(REPO / "configs/tiny/i2v_dmd.yaml"))
+    tiny = estimate(load_train_config(REPO / "configs/tiny/i2v_dmd.yaml", [f"model.path={tiny_i2v_dir}"]))
     assert 0 < tiny.memory["I2V encoders (CLIP + VAE, fp32)"] < 0.01
