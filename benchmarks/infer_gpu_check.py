@@ -1,7 +1,7 @@
 """Big-model inference on one GPU: block offload and the student-vs-teacher end-to-end time (issue 16).
 
     python -m benchmarks.infer_gpu_check --out benchmarks/results/infer_gpu_check_h200    # CUDA, real 14B geometry
-    python -m benchmarks.infer_gpu_check --geometry tiny --out /tmp/check                   # CPU: the same code, tiny
+    python -m benchmarks.infer_gpu_check --geometry tiny --out runs/check                   # CPU: the same code, tiny
 
 Random weights at the real geometry (Wan2.1-T2V-14B DiT, umT5-XXL, the Wan VAE; nothing is downloaded):
 1. `dit`: seconds per denoising step (one batch-1 forward, 81 frames at 480x832 = 32,760 tokens) and peak memory,

@@ -1,4 +1,4 @@
-"""`ode` task: ODE-regression initialisation of the few-step generator (dmd.md "ODE initialisation").
+"""`ode` task: ODE-regression initialisation of the few-step generator (docs/step_distillation.md "ODE initialisation").
 
 1. Trajectories: the teacher (CFG, Euler on a fine grid that passes *exactly* through the student's warped
    sigmas — the anchors stored states at mismatched timesteps) integrates from noise; the states at the
