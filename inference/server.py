@@ -55,17 +55,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from inference.config import add_model_args, positive_int
-from inference.tasks import (
-    CANCELLED,
-    COMPLETED,
-    MEDIA_TYPES,
-    QueueFull,
-    RequestError,
-    ServerLimits,
-    TaskManager,
-    VideoRequest,
-    confined_path,
-)
+from inference.requests import RequestError, ServerLimits, VideoRequest, confined_path
+from inference.tasks import CANCELLED, COMPLETED, MEDIA_TYPES, QueueFull, TaskManager
 
 API_KEY_ENV = "STEPDISTILL_API_KEY"
 log = logging.getLogger("inference.server")

@@ -144,7 +144,7 @@ def _serve_one_task(rank: int, folder: str, out: Path) -> dict:
     until rank 0's manager stops (seq_p_size 2)."""
     from inference.loader import load_pipeline
     from inference.parallel import ParallelState, attach, follow, group_task_manager_class
-    from inference.tasks import VideoRequest
+    from inference.requests import VideoRequest
 
     cfg = scenario_config("t2v", {"seq_p_size": 2}, {})
     pipe = load_pipeline(cfg, folder)

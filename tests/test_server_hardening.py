@@ -18,8 +18,9 @@ import pytest
 
 from inference import server as server_mod
 from inference.config import InferConfig
+from inference.requests import ServerLimits, VideoRequest, decode_inline_image
 from inference.server import BackgroundServer, bind_warning, build_manager, create_app, is_loopback
-from inference.tasks import FAILED, ServerLimits, VideoRequest, decode_inline_image
+from inference.tasks import FAILED
 from tests.test_server import FRAMES, PROMPT, Served, serve, submit, wait
 
 KEY = "s3cret-key"
