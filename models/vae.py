@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.tiling import tiled_apply
+
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -431,25 +433,8 @@ class WanVAE(nn.Module):
         return self.tiling is not None and max(h, w) > self.tiling[0]
 
     def _tiled(self, fn, x: Tensor, in_mult: int, out_mult: int) -> Tensor:
-        """fn over overlapping spatial tiles of x, blended: tiles are laid on the latent grid (x has in_mult
-        pixels per latent pixel, fn's output out_mult); each output pixel is the weighted mean of the tiles
-        covering it, weights ramping linearly across every overlap (so they sum to one there)."""
-        tile, overlap = self.tiling
-        rows = tile_spans(x.shape[-2] // in_mult, tile, overlap)
-        cols = tile_spans(x.shape[-1] // in_mult, tile, overlap)
-        out = total = None
-        for i, (y0, y1) in enumerate(rows):
-            for j, (x0, x1) in enumerate(cols):
-                piece = fn(x[..., y0 * in_mult:y1 * in_mult, x0 * in_mult:x1 * in_mult])
-                if out is None:
-                    out = piece.new_zeros(*piece.shape[:-2], rows[-1][1] * out_mult, cols[-1][1] * out_mult)
-                    total = piece.new_zeros(out.shape[-2:])
-                w = torch.outer(blend_ramp(rows, i, out_mult), blend_ramp(cols, j, out_mult)).to(piece)
-                region = (..., slice(y0 * out_mult, y1 * out_mult), slice(x0 * out_mult, x1 * out_mult))
-                out[region] += piece * w
-                total[region[1:]] += w
-        return out / total
-
+        """fn over overlapping spatial tiles of x, blended (models/tiling.py `tiled_apply`)."""
+        return tiled_apply(fn, x, *self.tiling, in_mult, out_mult)
 
 def conv_radius(modules: Iterable[nn.Module]) -> float:
     """Spatial receptive radius, in input pixels, of convolutions applied in the modules' registration order
@@ -465,29 +450,3 @@ def conv_radius(modules: Iterable[nn.Module]) -> float:
             elif isinstance(m, Upsample2x):
                 step /= 2
     return radius
-
-
-def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) of tiles of `tile` covering range(size) with neighbours sharing >= `overlap` (the last tile
-    ends at `size`, so it may share more); one span when the size fits a tile."""
-    if size <= tile:
-        return [(0, size)]
-    starts = list(range(0, size - tile + 1, tile - overlap))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return [(s, s + tile) for s in starts]
-
-
-def blend_ramp(spans: Sequence[tuple[int, int]], i: int, mult: int) -> Tensor:
-    """Weights [len(span i) * mult] of tile i: 1 inside, rising linearly across the overlap with the previous
-    tile and falling across the overlap with the next (the two ramps of an overlap sum to one)."""
-    a, b = spans[i]
-    n = (b - a) * mult
-    w = torch.ones(n, dtype=torch.float64)
-    if i > 0:
-        k = (spans[i - 1][1] - a) * mult
-        w[:k] = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    if i + 1 < len(spans):
-        k = (b - spans[i + 1][0]) * mult
-        w[n - k:] = torch.minimum(w[n - k:], (k - torch.arange(k, dtype=torch.float64) - 0.5) / k)
-    return w.float()

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.vae import WanVAE, blend_ramp, tile_spans
+from models.tiling import blend_ramp, tile_spans
+from models.vae import WanVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_downsample=(False, True, True))
