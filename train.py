@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, args.overrides)
         if not args.dry_run:  # inputs that would otherwise fail after the models are built
-            from distill.trainer import preflight
+            from distill.preflight import preflight
 
             preflight(cfg)
     except (ValueError, FileNotFoundError) as e:

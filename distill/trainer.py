@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from safetensors import safe_open
 from torch import nn
 
 from distill.checkpoint import (
@@ -34,9 +33,9 @@ from distill.checkpoint import (
 from distill.config import SHARDED_ENGINES, TrainConfig, to_yaml
 from distill.engines import ShardedEngine, launcher_only, make_engine, resolve_engine
 from distill.logger import MetricsLogger
+from distill.preflight import preflight
 from inference.config import InferConfig
 from inference.pipeline import WanPipeline
-from models.loading import DIT_WEIGHTS, find_dit_weights
 
 MAX_NONFINITE = 5  # consecutive skipped updates (non-finite loss, or bad update) before the run stops
 TRAIN_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,57 +44,6 @@ Metrics = dict[str, float | torch.Tensor]  # one step's metrics: 0-dim device te
 
 class NonFiniteLossError(RuntimeError):
     """MAX_NONFINITE updates in a row were skipped (non-finite losses, or non-finite / exploding updates)."""
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """The input checks that need no model: run directory, DiT weight files, sample image files."""
-    check_run_dir(Path(cfg.run_dir))
-    check_weight_files(cfg)
-    missing = [p for p in cfg.logging.sample_images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"logging.sample_images: image not found: {', '.join(missing)}")
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Fail before any model work if the run directory or its checkpoint folder cannot be folders."""
-    for path in (run_dir, run_dir / "checkpoints"):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} exists and is a file; run_dir/checkpoints must be a folder: move the file "
-                             f"or choose another run_dir")
-
-
-def dit_weight_files(folder: Path, distill: bool) -> list[Path]:
-    """The safetensors files a DiT of `folder` is read from (models.components.load_dit's choice)."""
-    src = find_dit_weights(folder, distill, None)
-    if src.kind != "base":
-        return [Path(src.path)]
-    index = folder / f"{DIT_WEIGHTS}.index.json"
-    if index.is_file():
-        return [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = folder / DIT_WEIGHTS
-    return [single] if single.is_file() else sorted(folder.glob(DIT_WEIGHTS.replace(".safetensors", "*.safetensors")))
-
-
-def check_weight_files(cfg: TrainConfig) -> None:
-    """Open the header of every DiT weights file the run will read (teacher, generator init): a truncated or
-    garbled file is an error naming it, before any model is built."""
-    folders = [("model.path", cfg.model.path, False), ("model.generator_init", cfg.model.generator_init, True)]
-    for key, folder, distill in folders:
-        if folder is None:
-            continue
-        if not Path(folder).is_dir():
-            hint = " (the tiny I2V teacher is made by: bash scripts/tiny_recipe.sh i2v_teacher)" \
-                if Path(folder).name == "tiny-i2v-teacher" else ""
-            raise FileNotFoundError(f"{key}: model folder not found: {folder}{hint}")
-        for f in dit_weight_files(Path(folder), distill):
-            if f.suffix != ".safetensors" or not f.is_file():
-                continue
-            try:
-                with safe_open(str(f), "pt"):
-                    pass
-            except Exception as e:  # safetensors' own error types (incomplete metadata, header too large, ...)
-                raise ValueError(f"{f} ({key}) is not a complete safetensors file: {e}; re-copy or re-export "
-                                 f"it") from e
 
 
 class Trainer:
