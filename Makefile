@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 # The web UI on http://127.0.0.1:7860 (WEBUI_CONFIG=... for another model; see inference/webui.py).
-WEBUI_CONFIG ?= configs/tiny/t2v_distill_4step.json
+WEBUI_CONFIG ?= configs/infer/tiny/t2v_distill_4step.json
 webui: $(STAMP)
 	$(PY) -m inference.webui --config $(WEBUI_CONFIG)
 

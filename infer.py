@@ -1,15 +1,15 @@
 """Generate videos from the command line.
 
-    python infer.py --config configs/tiny/t2v_teacher.json --prompt "a red circle moving left" \
+    python infer.py --config configs/infer/tiny/t2v_teacher.json --prompt "a red circle moving left" \
         --save_result_path out.mp4
-    python infer.py --config configs/wan/wan_t2v.json --model_path /data/Wan2.1-T2V-1.3B \
+    python infer.py --config configs/infer/wan/wan_t2v.json --model_path /data/Wan2.1-T2V-1.3B \
         --prompt_file prompts.txt --output_dir outputs/ --format mp4
-    python infer.py --config configs/tiny/i2v_teacher.json --image_path frame0.png --prompt "..." \
+    python infer.py --config configs/infer/tiny/i2v_teacher.json --image_path frame0.png --prompt "..." \
         --save_result_path out.mp4
-    python infer.py --config configs/tiny/t2v_distill_4step.json --lora_path my_lora.safetensors \
+    python infer.py --config configs/infer/tiny/t2v_distill_4step.json --lora_path my_lora.safetensors \
         --lora_strength 0.8 --prompt "..." --save_result_path out.mp4
     # LightX2V's flags: --config_json, --model_cls (wan2.1 | wan2.1_distill)
-    python infer.py --model_cls wan2.1_distill --config_json configs/distill/wan_t2v_distill_4step_cfg.json \
+    python infer.py --model_cls wan2.1_distill --config_json configs/infer/wan/wan_t2v_distill_4step_cfg.json \
         --model_path /data/Wan2.1-T2V-14B --prompt "..." --save_result_path out.mp4
 
 The result format follows the extension: .mp4 (H.264), .gif, .npy (raw uint8 [F,H,W,3], lossless). Every input is

@@ -1,8 +1,8 @@
 """Training entry point for every task (pretrain; ode and dmd follow the same launch).
 
-    accelerate launch train.py --config configs/tiny/t2v_teacher.yaml [key=value ...]
-    python train.py --config configs/tiny/t2v_teacher.yaml max_steps=10 run_dir=runs/debug
-    python train.py --config configs/tiny/t2v_teacher.yaml --dry-run
+    accelerate launch train.py --config configs/train/tiny/t2v_teacher.yaml [key=value ...]
+    python train.py --config configs/train/tiny/t2v_teacher.yaml max_steps=10 run_dir=runs/debug
+    python train.py --config configs/train/tiny/t2v_teacher.yaml --dry-run
 
 `--dry-run` prints the resolved config and the memory/compute estimate (distill/plan.py) and exits.
 """

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-T2V = "configs/tiny/t2v_distill_4step.json"
-I2V = "configs/tiny/i2v_distill_4step.json"
-TEACHER = "configs/tiny/t2v_teacher.json"
+T2V = "configs/infer/tiny/t2v_distill_4step.json"
+I2V = "configs/infer/tiny/i2v_distill_4step.json"
+TEACHER = "configs/infer/tiny/t2v_teacher.json"
 P = "a red circle moving left"
 
 
@@ -57,7 +57,7 @@ def http(name: str, expect: str, body: dict[str, Any] | str, method: str = "POST
     return BadInput(name, ("HTTP", method, path, text), expect)
 
 
-def train(name: str, expect: str, *args: str, config: str = "configs/tiny/t2v_dmd.yaml") -> BadInput:
+def train(name: str, expect: str, *args: str, config: str = "configs/train/tiny/t2v_dmd.yaml") -> BadInput:
     """A train.py case (run_dir inside the fixtures, so nothing outside them is written)."""
     run = ("run_dir={tmp}/runs/" + name.replace(" ", "_"),) if not any(a.startswith("run_dir=") for a in args) else ()
     return BadInput(name, ("train.py", "--config", config, *run, *args), expect)

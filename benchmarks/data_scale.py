@@ -53,7 +53,7 @@ def rss_mb() -> dict[str, float]:
 def train_config(folder: Path, prompts_file: Path, store: Path, run: Path):
     from distill.config import load_train_config
 
-    return load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    return load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                              [f"model.path={folder}", "data.source=prompts", f"data.prompt_path={prompts_file}",
                               f"data.text_store={store}", f"run_dir={run}", *TRAIN])
 
@@ -135,7 +135,7 @@ def real_i2v(tflops: float) -> dict:
     image = torch.zeros(1, 3, 480, 832, device="meta")
     encode = meta_flops(lambda: clip.encode(image)) + meta_flops(
         lambda: vae.encode(torch.zeros(1, 3, 81, 480, 832, device="meta")))
-    cfg = load_train_config(REPO / "configs/wan_distill/i2v_14b_480p_dmd.yaml")
+    cfg = load_train_config(REPO / "configs/train/wan/i2v_14b_480p_dmd.yaml")
     config = dit_config(cfg)
     _, n_linear, _, _ = count_params(config)
     f, h, w = latent_grid(cfg)

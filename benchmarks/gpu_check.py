@@ -119,7 +119,7 @@ def check_tiny_pipelines() -> dict:
     from data.shapes import PROMPTS
 
     out = {}
-    for cfg in ("configs/tiny/t2v_distill_4step.json", "configs/tiny/t2v_teacher.json"):
+    for cfg in ("configs/infer/tiny/t2v_distill_4step.json", "configs/infer/tiny/t2v_teacher.json"):
         row, _ = run_config(parse_spec(f"{cfg}:dtype=bf16,device=cuda"), list(PROMPTS[::4]), 1, 8)
         out[cfg] = {k: v for k, v in row.items() if isinstance(v, int | float | str)}
     return out

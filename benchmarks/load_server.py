@@ -1,6 +1,6 @@
 """Load test of the HTTP server: N requests from C concurrent clients; throughput and latency percentiles.
 
-    python -m benchmarks.load_server --config configs/tiny/t2v_distill_4step.json --requests 20 --concurrency 4 \
+    python -m benchmarks.load_server --config configs/infer/tiny/t2v_distill_4step.json --requests 20 --concurrency 4 \
         [--target_video_length 5] [--max_queue_size 10] [--out benchmarks/results/load_t2v]
     python -m benchmarks.load_server --url http://127.0.0.1:8000 --requests 20 --concurrency 4   # a running server
 
@@ -19,7 +19,7 @@ not a JSON object, a duplicate save_result_path (409), a cancel during a long ru
 second client's small request finishing in its normal time while another client abuses the server or a long task
 is cancelled. Use a teacher config for a long run that can be cancelled (a distill config's runs are short):
 
-    python -m benchmarks.load_server --config configs/tiny/t2v_teacher.json --abuse --out benchmarks/results/load_abuse
+    python -m benchmarks.load_server --config configs/infer/tiny/t2v_teacher.json --abuse --out benchmarks/results/load_abuse
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def child(teacher: str, run_dir: str, steps: int, overrides: list[str], tensors:
     from distill.plan import estimate
     from train import trainer_for
 
-    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                             [f"model.path={teacher}", f"run_dir={run_dir}", f"max_steps={steps}", *COMMON, *overrides])
     plan = estimate(cfg)
     cuda = torch.cuda.is_available()
@@ -124,7 +124,7 @@ def plan_case(name: str) -> float:
     spec, changes = TEACHERS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps({**get_spec(spec).dit, **changes}))
-        cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", [f"model.path={tmp}", *COMMON, *overrides])
+        cfg = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml", [f"model.path={tmp}", *COMMON, *overrides])
         return estimate(cfg).peak
 
 

@@ -1,7 +1,7 @@
 """Quality table of inference configs on the shapes world, measured with the evaluator (data/evaluate.py).
 
-    python -m benchmarks.quality --config configs/tiny/t2v_teacher.json \
-        --config "configs/tiny/t2v_teacher.json:infer_steps=4,enable_cfg=false" --prompts 96 --seeds 2 \
+    python -m benchmarks.quality --config configs/infer/tiny/t2v_teacher.json \
+        --config "configs/infer/tiny/t2v_teacher.json:infer_steps=4,enable_cfg=false" --prompts 96 --seeds 2 \
         --out benchmarks/results/t2v_teacher
 
 A config may carry per-run overrides after a colon (`key=value` pairs, comma-separated, JSON values such as

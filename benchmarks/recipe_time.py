@@ -27,12 +27,12 @@ QUIET = ["logging.every=1", "logging.sample_every=0", "logging.sample_prompts=[]
          "checkpoint.resume=never"]
 # stage -> (config, extra overrides that do not change the step's cost)
 STAGES = {
-    "t2v_teacher": ("configs/tiny/t2v_teacher.yaml", []),
-    "i2v_teacher": ("configs/tiny/i2v_teacher.yaml", ["model.path=checkpoints/tiny-t2v-teacher"]),
-    "t2v_dmd": ("configs/tiny/t2v_dmd.yaml", []),
-    "t2v_ode": ("configs/tiny/t2v_ode.yaml", []),  # after t2v_dmd: its start-up time is the baseline
-    "t2v_lora_mode": ("configs/tiny/t2v_dmd_lora.yaml", []),
-    "i2v_dmd": ("configs/tiny/i2v_dmd.yaml", []),
+    "t2v_teacher": ("configs/train/tiny/t2v_teacher.yaml", []),
+    "i2v_teacher": ("configs/train/tiny/i2v_teacher.yaml", ["model.path=checkpoints/tiny-t2v-teacher"]),
+    "t2v_dmd": ("configs/train/tiny/t2v_dmd.yaml", []),
+    "t2v_ode": ("configs/train/tiny/t2v_ode.yaml", []),  # after t2v_dmd: its start-up time is the baseline
+    "t2v_lora_mode": ("configs/train/tiny/t2v_dmd_lora.yaml", []),
+    "i2v_dmd": ("configs/train/tiny/i2v_dmd.yaml", []),
 }
 WARMUP = 5
 

@@ -28,8 +28,8 @@ from data.evaluate import evaluate_video, segment, soft_coverage
 from data.shapes import PROMPTS, SHAPES, coverage, parse_prompt
 from inference.loader import load_pipeline
 
-CONFIGS = ({"config": "configs/tiny/t2v_teacher.json", "overrides": {}},
-           {"config": "configs/tiny/t2v_teacher.json", "overrides": {"infer_steps": 4, "enable_cfg": False}})
+CONFIGS = ({"config": "configs/infer/tiny/t2v_teacher.json", "overrides": {}},
+           {"config": "configs/infer/tiny/t2v_teacher.json", "overrides": {"infer_steps": 4, "enable_cfg": False}})
 SEED, SHUFFLE_SEED, CROP, ZOOM, COLUMNS, PER_SHEET = 0, 1234, 24, 4, 8, 48
 LABELS = (*SHAPES, "unclear")
 

@@ -1,6 +1,6 @@
 """Where a T2V model decides an object's shape: its one-step denoised estimate of noised ground-truth clips.
 
-    python -m benchmarks.shape_probe --config configs/tiny/t2v_teacher.json --shape square --swap circle \
+    python -m benchmarks.shape_probe --config configs/infer/tiny/t2v_teacher.json --shape square --swap circle \
         --out benchmarks/results/t2v_teacher_shape_probe
 
 Renders the 32 prompts of `--shape` (one clip each, the evaluation seeds of benchmarks.quality), encodes them,

@@ -1,6 +1,6 @@
 """Wall-clock speed of teacher vs few-step configs, measured side by side in one process.
 
-    python -m benchmarks.speed --config configs/tiny/t2v_teacher.json --config configs/tiny/t2v_distill_4step.json \
+    python -m benchmarks.speed --config configs/infer/tiny/t2v_teacher.json --config configs/infer/tiny/t2v_distill_4step.json \
         [--repeats 5] [--batch 1] [--out benchmarks/results/speed_t2v]
 
 Each config is loaded once, warmed up once, then timed over `--repeats` generations of the same prompt and seed

@@ -7,7 +7,7 @@ checkpoint), the frozen teacher `real_score` (no grads, no optimizer state) and 
 simulation of inference/sampling.py over the student's warped `denoising_step_list`, so training and inference
 see the same timesteps.
 
-    accelerate launch train.py --config configs/tiny/t2v_dmd.yaml
+    accelerate launch train.py --config configs/train/tiny/t2v_dmd.yaml
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prompt-embedding store: umT5 embeddings of a whole prompt list, computed once, in parallel, before training.
 
-    python -m distill.encode_prompts --config configs/wan_distill/t2v_14b_dmd.yaml data.prompt_path=/data/p.txt
+    python -m distill.encode_prompts --config configs/train/wan/t2v_14b_dmd.yaml data.prompt_path=/data/p.txt
     torchrun --nproc_per_node 8 -m distill.encode_prompts --config ...     # (or accelerate launch -m ...)
 
 Layout of `data.text_store` (a folder):

@@ -11,7 +11,7 @@
    minimise mean((x_k - s_k v - x0)^2) (distill/losses.py `ode_regression_loss`). The shards are read one
    trajectory at a time with positional reads: a bank of any size costs no RAM.
 
-    accelerate launch train.py --config configs/tiny/t2v_ode.yaml
+    accelerate launch train.py --config configs/train/tiny/t2v_ode.yaml
 """
 
 from __future__ import annotations

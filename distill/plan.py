@@ -1,6 +1,6 @@
 """Memory and compute planner for training configs: per-GPU memory by item, the peak, FLOPs per iteration.
 
-    python train.py --config configs/wan_distill/t2v_14b_dmd.yaml --dry-run --plan-gpus 8 --plan-gpu-mem 80 \
+    python train.py --config configs/train/wan/t2v_14b_dmd.yaml --dry-run --plan-gpus 8 --plan-gpu-mem 80 \
         [--plan-engine fsdp] [--plan-offload]
     python -m distill.plan --table [--gpu-mem 80]        # minimum GPUs for the Wan2.1 configs, every engine
 
@@ -45,9 +45,9 @@ GPU_RESERVE_GB = 2.0
 # every measured case within 15%.
 DMD_TRANSIENT_BLOCKS = 1.5  # CUDA context, NCCL buffers, allocator slack: not available to tensors
 REPO = Path(__file__).resolve().parents[1]
-WAN_CONFIGS = {"Wan2.1-T2V-1.3B": "configs/wan_distill/t2v_1.3b_dmd.yaml",
-               "Wan2.1-T2V-14B": "configs/wan_distill/t2v_14b_dmd.yaml",
-               "Wan2.1-I2V-14B-480P": "configs/wan_distill/i2v_14b_480p_dmd.yaml"}
+WAN_CONFIGS = {"Wan2.1-T2V-1.3B": "configs/train/wan/t2v_1.3b_dmd.yaml",
+               "Wan2.1-T2V-14B": "configs/train/wan/t2v_14b_dmd.yaml",
+               "Wan2.1-I2V-14B-480P": "configs/train/wan/i2v_14b_480p_dmd.yaml"}
 
 
 @dataclass

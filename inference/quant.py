@@ -1,6 +1,6 @@
 """Converter of DiT weights to the quantized LightX2V layout (the format and the runtime: `inference/quantized.py`).
 
-    python -m inference.quant --config configs/tiny/t2v_distill_4step.json \
+    python -m inference.quant --config configs/infer/tiny/t2v_distill_4step.json \
         --out checkpoints/tiny-t2v-distill-4step-quant --scheme int8
     python -m inference.quant --model_path /models/Wan2.1-T2V-14B --scheme fp8 \
         --lora /loras/style.safetensors --lora_strength 0.8          # merge the LoRA, then quantize; --out: in place

@@ -1,6 +1,6 @@
 """HTTP video-generation server with LightX2V's routes: one model, one worker, a bounded FIFO queue.
 
-    python -m inference.server --config configs/tiny/t2v_distill_4step.json --port 8000 \
+    python -m inference.server --config configs/infer/tiny/t2v_distill_4step.json --port 8000 \
         --output_dir outputs/server [--input_dir inputs] [--lora_dir loras/] [--max_queue_size 10]
 
     curl -s -X POST localhost:8000/v1/tasks/video/ -H 'Content-Type: application/json' \

@@ -1,9 +1,9 @@
 """A Gradio web UI for the T2V / I2V pipeline: the model is loaded once, every click generates one video.
 
-    python -m inference.webui --config configs/tiny/t2v_distill_4step.json            # http://127.0.0.1:7860
-    python -m inference.webui --config configs/tiny/i2v_distill_4step.json --port 7861   # shows an image upload
-    python -m inference.webui --config configs/tiny/t2v_teacher.json --lora_dir checkpoints/ --host 0.0.0.0
-    python -m inference.webui --config configs/wan/wan_t2v.json --model_path /data/Wan2.1-T2V-1.3B
+    python -m inference.webui --config configs/infer/tiny/t2v_distill_4step.json            # http://127.0.0.1:7860
+    python -m inference.webui --config configs/infer/tiny/i2v_distill_4step.json --port 7861   # shows an image upload
+    python -m inference.webui --config configs/infer/tiny/t2v_teacher.json --lora_dir checkpoints/ --host 0.0.0.0
+    python -m inference.webui --config configs/infer/wan/wan_t2v.json --model_path /data/Wan2.1-T2V-1.3B
 
 Structure: `run_generation` is a plain function (validate the inputs -> switch the UI's runtime LoRA -> generate ->
 write the mp4) that tests call without a browser; `build_ui` wires it to Gradio components (defaults from the

@@ -1,7 +1,7 @@
 """`make demo`: the main job on the embedded tiny default, end to end on a CPU.
 
 1. generate a video with the shipped tiny T2V teacher (50 UniPC steps + CFG);
-2. distil it with DMD into a 4-step CFG-free student (a short run of configs/tiny/t2v_dmd.yaml);
+2. distil it with DMD into a 4-step CFG-free student (a short run of configs/train/tiny/t2v_dmd.yaml);
 3. print the teacher-vs-student table measured with the shapes evaluator, and write sample videos.
 
     python -m scripts.demo [--steps 600] [--prompts 24] [--seeds 1] [--out runs/demo]
@@ -17,8 +17,8 @@ from benchmarks.quality import main as quality
 from infer import main as infer
 from train import main as train
 
-TEACHER_CFG = "configs/tiny/t2v_teacher.json"
-STUDENT_CFG = "configs/tiny/t2v_distill_4step.json"
+TEACHER_CFG = "configs/infer/tiny/t2v_teacher.json"
+STUDENT_CFG = "configs/infer/tiny/t2v_distill_4step.json"
 
 
 def main() -> None:
@@ -35,9 +35,9 @@ def main() -> None:
     infer(["--config", TEACHER_CFG, "--prompt", "a red circle moving left",
            "--save_result_path", str(out / "teacher_red_circle_left.mp4")])
 
-    print(f"\n== 2/3 DMD distillation, {args.steps} iterations (full recipe: configs/tiny/t2v_dmd.yaml)")
+    print(f"\n== 2/3 DMD distillation, {args.steps} iterations (full recipe: configs/train/tiny/t2v_dmd.yaml)")
     student = out / "student"
-    code = train(["--config", "configs/tiny/t2v_dmd.yaml", f"run_dir={out / 'dmd'}", f"max_steps={args.steps}",
+    code = train(["--config", "configs/train/tiny/t2v_dmd.yaml", f"run_dir={out / 'dmd'}", f"max_steps={args.steps}",
                   f"output_model={student}", "logging.sample_every=0", "checkpoint.resume=never",
                   f"dmd.ema_start={args.steps // 2}"])
     if code:

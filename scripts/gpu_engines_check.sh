@@ -23,7 +23,7 @@ make_tiny_model(Path(sys.argv[1]) / "teacher", "tiny-t2v", seed=0, dim=64, ffn_d
 PYEOF
 run() {  # run ENGINE PRECISION
   local engine=$1 mp=$2 dir="$OUT/$1_$2" port=$((29500 + RANDOM % 1000))
-  local args=(--config configs/tiny/t2v_dmd.yaml "model.path=$OUT/teacher" max_steps=4 dmd.dfake_gen_update_ratio=2
+  local args=(--config configs/train/tiny/t2v_dmd.yaml "model.path=$OUT/teacher" max_steps=4 dmd.dfake_gen_update_ratio=2
               dmd.ema_start=1 optim.lr=1e-3 dmd.lr_critic=1e-3 data.num_frames=5 data.height=32 data.width=32
               batch_size=2 logging.every=1 "logging.sample_prompts=[]" checkpoint.every=2 "mixed_precision=$mp"
               "run_dir=$dir" "output_model=$dir/model")

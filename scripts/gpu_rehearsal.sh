@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU rehearsal of the real training path at the Wan2.1-T2V-1.3B geometry (random weights, bf16 on CUDA):
-# a 1.3B folder in the official layout, one ODE-init step, ten DMD iterations of configs/wan_distill/t2v_1.3b_dmd.yaml
+# a 1.3B folder in the official layout, one ODE-init step, ten DMD iterations of configs/train/wan/t2v_1.3b_dmd.yaml
 # with sampling every 5 iterations and the export at the end, then infer.py on the export with
-# configs/distill/wan_t2v_distill_4step_cfg.json as shipped (81x480x832, 4 steps). Each stage's wall time and peak
+# configs/infer/wan/wan_t2v_distill_4step_cfg.json as shipped (81x480x832, 4 steps). Each stage's wall time and peak
 # GPU/host memory (scripts/peak_memory.py) and the time per DMD iteration go to
 # benchmarks/results/gpu_rehearsal_1.3b.{json,md} (scripts/rehearsal_report.py). Budget: < 8 minutes on one H200.
 #
@@ -15,8 +15,8 @@ PY=${PYTHON:-.venv/bin/python}
 GEOMETRY=${GEOMETRY:-1.3b}
 WORK=${1:-$(mktemp -d -t gpu_rehearsal.XXXXXX)}
 WORK=$(mkdir -p "$WORK" && cd "$WORK" && pwd)
-YAML=configs/wan_distill/t2v_1.3b_dmd.yaml
-INFER=configs/distill/wan_t2v_distill_4step_cfg.json
+YAML=configs/train/wan/t2v_1.3b_dmd.yaml
+INFER=configs/infer/wan/wan_t2v_distill_4step_cfg.json
 STEPS=10
 SAMPLE_EVERY=5
 mkdir -p "$WORK/stages" "$WORK/runs"

@@ -4,8 +4,8 @@
 #   bash scripts/rehearse.sh [WORK_DIR]        # or: make rehearse
 #
 # Every step runs the same entry points a 14B user runs (infer.py, train.py, accelerate launch, distill.export,
-# inference.quant, inference.server) with the shipped real configs (configs/wan, configs/distill,
-# configs/wan_distill, configs/accelerate) as they are; only the model path, data paths, video size, step
+# inference.quant, inference.server) with the shipped real configs (configs/infer/wan,
+# configs/train/wan, configs/accelerate) as they are; only the model path, data paths, video size, step
 # counts and (for the quantized run) the quantization keys of the README are overridden. Inference configs are
 # copied to WORK_DIR/configs with those keys replaced (infer.py takes sizes from the config only).
 # A failing step is logged (WORK_DIR/logs/<step>.log) and the rehearsal goes on; the summary lists every step
@@ -79,18 +79,18 @@ EOF
 
 SMALL=('target_video_length=5' 'target_height=32' 'target_width=32')
 C=$WORK/configs
-derive configs/wan/wan_t2v.json "$C/wan_t2v.json" "${SMALL[@]}" infer_steps=4
-derive configs/wan/wan_i2v.json "$C/wan_i2v.json" "${SMALL[@]}" infer_steps=4
-derive configs/distill/wan_t2v_distill_4step_cfg.json "$C/t2v_distill.json" "${SMALL[@]}"
-derive configs/distill/wan_i2v_distill_4step_cfg.json "$C/i2v_distill.json" "${SMALL[@]}"
-derive configs/distill/wan_t2v_distill_4step_cfg.json "$C/t2v_distill_int8.json" "${SMALL[@]}" \
+derive configs/infer/wan/wan_t2v.json "$C/wan_t2v.json" "${SMALL[@]}" infer_steps=4
+derive configs/infer/wan/wan_i2v.json "$C/wan_i2v.json" "${SMALL[@]}" infer_steps=4
+derive configs/infer/wan/wan_t2v_distill_4step_cfg.json "$C/t2v_distill.json" "${SMALL[@]}"
+derive configs/infer/wan/wan_i2v_distill_4step_cfg.json "$C/i2v_distill.json" "${SMALL[@]}"
+derive configs/infer/wan/wan_t2v_distill_4step_cfg.json "$C/t2v_distill_int8.json" "${SMALL[@]}" \
   dit_quantized=true 'dit_quant_scheme="int8"'
-derive configs/distill/wan_t2v_distill_4step_cfg.json "$C/t2v_distill_fp8.json" "${SMALL[@]}" \
+derive configs/infer/wan/wan_t2v_distill_4step_cfg.json "$C/t2v_distill_fp8.json" "${SMALL[@]}" \
   dit_quantized=true 'dit_quant_scheme="fp8"'
 O=$WORK/out
 P="a red circle moving left"
 
-# ---- teacher inference (configs/wan) --------------------------------------------------------------------------
+# ---- teacher inference (configs/infer/wan) ----------------------------------------------------------------------
 step infer_t2v_teacher infer --config "$C/wan_t2v.json" --model_path "$M/t2v" --prompt "$P" --save_result_path "$O/t2v.mp4"
 step infer_t2v_teacher_sharded infer --config "$C/wan_t2v.json" --model_path "$M/t2v_sharded" --prompt "$P" \
   --save_result_path "$O/t2v_sharded.mp4"
@@ -103,7 +103,7 @@ step infer_i2v_teacher_diffusers infer --config "$C/wan_i2v.json" --model_path "
 
 # ---- training: ODE init -> DMD (sampling on) -> export (full DiT + rank-64 LoRA) ---------------------------
 R=$WORK/runs
-T2V_YAML=configs/wan_distill/t2v_1.3b_dmd.yaml
+T2V_YAML=configs/train/wan/t2v_1.3b_dmd.yaml
 T2V_STORE=data.text_store=$R/t2v_store
 I2V_STORE=data.text_store=$R/i2v_store
 # the YAML headers' step 1: the prompt store, encoded by all processes
@@ -119,7 +119,7 @@ step train_t2v_dmd "$PY" train.py --config $T2V_YAML run_dir="$R/dmd" model.path
 step export_full_and_lora "$PY" -m distill.export --run "$R/dmd" --out "$R/export" \
   --lora "$R/export_lora_r64.safetensors" --lora-rank 64 --lora-min-numel 1000
 
-# ---- distilled inference (configs/distill): full DiT in distill_models/, LoRA, int8, fp8 ----------------------
+# ---- distilled inference (configs/infer/wan): full DiT in distill_models/, LoRA, int8, fp8 ----------------------
 step infer_t2v_distill_export infer --config "$C/t2v_distill.json" --model_path "$R/export" --prompt "$P" \
   --save_result_path "$O/t2v_distill.mp4"
 step infer_t2v_distill_model_cls infer --config "$C/t2v_distill.json" --model_path "$R/export" \
@@ -145,7 +145,7 @@ step infer_t2v_fp8 infer --config "$C/t2v_distill_fp8.json" --model_path "$M/t2v
   --save_result_path "$O/t2v_fp8.mp4"
 
 # ---- I2V DMD from image/prompt pairs, then inference of its export ------------------------------------------
-step train_i2v_dmd "$PY" train.py --config configs/wan_distill/i2v_14b_480p_dmd.yaml run_dir="$R/i2v_dmd" \
+step train_i2v_dmd "$PY" train.py --config configs/train/wan/i2v_14b_480p_dmd.yaml run_dir="$R/i2v_dmd" \
   model.path="$M/i2v" data.prompt_path="$WORK/i2v_pairs.jsonl" "$I2V_STORE" "${SIZE[@]}" max_steps=2 grad_accum=1 \
   dmd.dfake_gen_update_ratio=1 output_model="$R/i2v_dmd/model" logging.sample_every=1 logging.sample_steps=4
 step infer_i2v_distill_export infer --config "$C/i2v_distill.json" --model_path "$R/i2v_dmd/model" \
@@ -161,9 +161,9 @@ launch() {  # launch ACCEL_CONFIG YAML MODEL PROMPTS STORE RUN_DIR [key=value ..
 }
 step accelerate_zero2_t2v_1.3b launch configs/accelerate/zero2.yaml $T2V_YAML "$M/t2v" "$WORK/prompts.txt" \
   "$T2V_STORE" "$R/zero2"
-step accelerate_fsdp_offload_t2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/wan_distill/t2v_14b_dmd.yaml \
+step accelerate_fsdp_offload_t2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/train/wan/t2v_14b_dmd.yaml \
   "$M/t2v_sharded" "$WORK/prompts.txt" data.text_store="$R/t2v_sharded_store" "$R/fsdp_t2v" distributed.cpu_offload=true
-step accelerate_fsdp_offload_i2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/wan_distill/i2v_14b_480p_dmd.yaml \
+step accelerate_fsdp_offload_i2v_14b_yaml launch configs/accelerate/fsdp.yaml configs/train/wan/i2v_14b_480p_dmd.yaml \
   "$M/i2v" "$WORK/i2v_pairs.jsonl" "$I2V_STORE" "$R/fsdp_i2v" distributed.cpu_offload=true
 
 # ---- the server answers one request on the distilled mini model --------------------------------------------
@@ -214,10 +214,10 @@ webui_page() {
 step webui_page webui_page
 
 # ---- the planner lines of the YAML headers (real sizes, no weights read) -------------------------------------
-step plan_t2v_1.3b_ddp "$PY" train.py --config configs/wan_distill/t2v_1.3b_dmd.yaml --dry-run --plan-gpus 8
-step plan_t2v_14b_fsdp_offload "$PY" train.py --config configs/wan_distill/t2v_14b_dmd.yaml --dry-run --plan-gpus 8 \
+step plan_t2v_1.3b_ddp "$PY" train.py --config configs/train/wan/t2v_1.3b_dmd.yaml --dry-run --plan-gpus 8
+step plan_t2v_14b_fsdp_offload "$PY" train.py --config configs/train/wan/t2v_14b_dmd.yaml --dry-run --plan-gpus 8 \
   --plan-engine fsdp --plan-offload
-step plan_i2v_14b_fsdp_offload "$PY" train.py --config configs/wan_distill/i2v_14b_480p_dmd.yaml --dry-run \
+step plan_i2v_14b_fsdp_offload "$PY" train.py --config configs/train/wan/i2v_14b_480p_dmd.yaml --dry-run \
   --plan-gpus 8 --plan-engine fsdp --plan-offload
 
 echo

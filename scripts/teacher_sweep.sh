@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # T2V teacher variants side by side (a GPU machine runs them at once; on a CPU run them one by one), each the
-# full configs/tiny/t2v_teacher.yaml recipe with one change, then one quality table against each other:
+# full configs/train/tiny/t2v_teacher.yaml recipe with one change, then one quality table against each other:
 #   base          byte tokenizer, PCA codec with one global latent std (the recipe before this sweep)
 #   word          word-level tokenizer (one token per word, like umT5's SentencePiece vocabulary)
 #   channel       codec latent normalised per channel (Wan's per-channel mean/std)
@@ -29,7 +29,7 @@ components_args() {
 variant() {
   local name=$1 d=runs/tsweep/$1
   $PY -m scripts.make_tiny_components --out $d/components $(components_args "$name") || return
-  timeout "$STAGE_TIMEOUT" $PY train.py --config configs/tiny/t2v_teacher.yaml run_dir=$d output_model=null \
+  timeout "$STAGE_TIMEOUT" $PY train.py --config configs/train/tiny/t2v_teacher.yaml run_dir=$d output_model=null \
       model.components_path=$d/components logging.sample_prompts=[] ${EXTRA:-} || echo "$name: train exit $?"
   $PY -m distill.export --run $d --out $d/model --dtype bf16 || echo "$name: export failed"
 }
@@ -41,7 +41,7 @@ echo "training: $(( $(date +%s) - start )) s"
 args=()
 for v in $VARIANTS; do
   [ -f runs/tsweep/$v/model/config.json ] || continue
-  args+=(--config "configs/tiny/t2v_teacher.json:model_path=runs/tsweep/$v/model")
+  args+=(--config "configs/infer/tiny/t2v_teacher.json:model_path=runs/tsweep/$v/model")
   cp runs/tsweep/$v/model/diffusion_pytorch_model.safetensors "$OUT/$v.safetensors"
   tail -n 1 runs/tsweep/$v/metrics.jsonl
 done

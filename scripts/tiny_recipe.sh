@@ -5,6 +5,7 @@
 #   bash scripts/tiny_recipe.sh lanes      # everything after the T2V teacher as parallel lanes (a GPU machine)
 #   bash scripts/tiny_recipe.sh teacher_probes   # the T2V teacher's shape diagnostics (docs/results.md)
 #   bash scripts/tiny_recipe.sh guide_interval   # CFG in a timestep interval: teachers and DMD (docs/results.md)
+#   bash scripts/tiny_recipe.sh few_steps        # 2-step and 1-step T2V students + the 1/2/4-step table (docs/results.md)
 # Each training stage is resumable (re-run the same stage after a kill); seeds are fixed in the configs.
 # The training configs write <run_dir>/model only; the shipped models under checkpoints/ are written here and
 # nowhere else, each by an explicit `distill.export --out checkpoints/...` after its training stage.
@@ -22,56 +23,56 @@ STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}  # seconds per training run in `sweep`/`lanes`
 components() { $PY -m scripts.make_tiny_components --out checkpoints/tiny-components; }
 
 t2v_teacher() {
-  $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml $EXTRA "$@"
+  $LAUNCH train.py --config configs/train/tiny/t2v_teacher.yaml $EXTRA "$@"
   $PY -m distill.export --run runs/tiny_t2v_teacher_48 --out checkpoints/tiny-t2v-teacher --dtype bf16
 }
 
 i2v_teacher() {
-  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/tiny/i2v_teacher.yaml $EXTRA "$@" || echo "train exit $?"
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/train/tiny/i2v_teacher.yaml $EXTRA "$@" || echo "train exit $?"
   $PY -m distill.export --run runs/tiny_i2v_teacher --out checkpoints/tiny-i2v-teacher --dtype bf16
 }
 
 t2v_student() {  # ODE-regression init, then DMD from it; full student + rank-64 LoRA
-  $LAUNCH train.py --config configs/tiny/t2v_ode.yaml $EXTRA
-  $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model $EXTRA "$@"
+  $LAUNCH train.py --config configs/train/tiny/t2v_ode.yaml $EXTRA
+  $LAUNCH train.py --config configs/train/tiny/t2v_dmd.yaml model.generator_init=runs/tiny_t2v_ode/model $EXTRA "$@"
   $PY -m distill.export --run runs/tiny_t2v_dmd --out checkpoints/tiny-t2v-distill-4step --dtype bf16 \
       --lora checkpoints/tiny-t2v-distill-lora-r64.safetensors --lora-rank 64 --lora-min-numel 32768
 }
 
 t2v_lora_mode() {  # LoRA-mode DMD from the teacher: the rank-64 adapter itself is the shipped LoRA (no SVD)
-  $LAUNCH train.py --config configs/tiny/t2v_dmd_lora.yaml $EXTRA "$@"
+  $LAUNCH train.py --config configs/train/tiny/t2v_dmd_lora.yaml $EXTRA "$@"
   $PY -m distill.export --run runs/tiny_t2v_dmd_lora --out runs/tiny_t2v_dmd_lora/model --dtype bf16 \
       --lora checkpoints/tiny-t2v-lora-mode-r64.safetensors
 }
 
 i2v_student() {
-  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/tiny/i2v_dmd.yaml $EXTRA "$@" || echo "train exit $?"
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/train/tiny/i2v_dmd.yaml $EXTRA "$@" || echo "train exit $?"
   $PY -m distill.export --run runs/tiny_i2v_dmd --out checkpoints/tiny-i2v-distill-4step --dtype bf16
 }
 
 i2v_table() {
-  I=configs/tiny/i2v_teacher.json
+  I=configs/infer/tiny/i2v_teacher.json
   $PY -m benchmarks.quality $QUALITY --out $R/i2v_quality \
-      --config "$I:infer_steps=40" --config "$I:infer_steps=4,enable_cfg=false" --config configs/tiny/i2v_distill_4step.json
+      --config "$I:infer_steps=40" --config "$I:infer_steps=4,enable_cfg=false" --config configs/infer/tiny/i2v_distill_4step.json
 }
 
 tables() {
-  T=configs/tiny/t2v_teacher.json
+  T=configs/infer/tiny/t2v_teacher.json
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_quality \
       --config $T --config "$T:enable_cfg=false" --config "$T:infer_steps=4" --config "$T:infer_steps=4,enable_cfg=false" \
-      --config configs/tiny/t2v_distill_4step.json --config configs/tiny/t2v_distill_4step_lora.json \
-      --config configs/tiny/t2v_distill_4step_lora_mode.json
+      --config configs/infer/tiny/t2v_distill_4step.json --config configs/infer/tiny/t2v_distill_4step_lora.json \
+      --config configs/infer/tiny/t2v_distill_4step_lora_mode.json
   i2v_table
-  $PY -m benchmarks.speed --repeats 5 --out $R/t2v_speed --config $T --config configs/tiny/t2v_distill_4step.json
+  $PY -m benchmarks.speed --repeats 5 --out $R/t2v_speed --config $T --config configs/infer/tiny/t2v_distill_4step.json
 }
 
 teacher_probes() {  # why squares fail (docs/results.md): shape probe, samplers, larger objects
-  T=configs/tiny/t2v_teacher.json
+  T=configs/infer/tiny/t2v_teacher.json
   $PY -m benchmarks.shape_probe --config $T --out $R/t2v_teacher_shape_probe
   $PY -m benchmarks.quality --prompts 96 --seeds 1 --out $R/t2v_teacher_samplers --config $T \
       --config "$T:sample_shift=1" --config "$T:sample_shift=6" --config "$T:sample_solver=euler" \
       --config "$T:infer_steps=100" --config "$T:sample_guide_scale=9"
-  $LAUNCH train.py --config configs/tiny/t2v_teacher.yaml run_dir=runs/teacher_big_objects output_model=null \
+  $LAUNCH train.py --config configs/train/tiny/t2v_teacher.yaml run_dir=runs/teacher_big_objects output_model=null \
       model.path=checkpoints/tiny-t2v-teacher max_steps=1000 optim.warmup_steps=50 pretrain.ema_decay=0.995 \
       data.object_size=[0.3,0.4] checkpoint.every=500 logging.sample_prompts=[] $EXTRA
   $PY -m distill.export --run runs/teacher_big_objects --out runs/teacher_big_objects/model --dtype bf16
@@ -81,20 +82,20 @@ teacher_probes() {  # why squares fail (docs/results.md): shape probe, samplers,
 
 no_interval() {  # the students shipped before the guidance interval: the same recipes with CFG at every critic step
   local N="dmd.guide_interval=null logging.sample_every=0"
-  [ -d runs/student_no_interval ] || $LAUNCH train.py --config configs/tiny/t2v_dmd.yaml \
+  [ -d runs/student_no_interval ] || $LAUNCH train.py --config configs/train/tiny/t2v_dmd.yaml \
       model.generator_init=runs/tiny_t2v_ode/model run_dir=runs/tiny_t2v_dmd_no_interval \
       output_model=runs/student_no_interval $N $EXTRA
-  [ -f runs/lora_mode_no_interval_r64.safetensors ] || { $LAUNCH train.py --config configs/tiny/t2v_dmd_lora.yaml \
+  [ -f runs/lora_mode_no_interval_r64.safetensors ] || { $LAUNCH train.py --config configs/train/tiny/t2v_dmd_lora.yaml \
       run_dir=runs/lora_mode_no_interval output_model=null $N $EXTRA
     $PY -m distill.export --run runs/lora_mode_no_interval --out runs/lora_mode_no_interval/model --dtype bf16 \
       --lora runs/lora_mode_no_interval_r64.safetensors; }
-  [ -d runs/i2v_student_no_interval ] || $LAUNCH train.py --config configs/tiny/i2v_dmd.yaml \
+  [ -d runs/i2v_student_no_interval ] || $LAUNCH train.py --config configs/train/tiny/i2v_dmd.yaml \
       run_dir=runs/tiny_i2v_dmd_no_interval output_model=runs/i2v_student_no_interval $N $EXTRA
 }
 
 guide_interval() {  # CFG only for t in [t_min, t_max] (docs/results.md "Guidance interval"): teachers, then DMD through it
-  T=configs/tiny/t2v_teacher.json I=configs/tiny/i2v_teacher.json S=configs/tiny/t2v_distill_4step.json
-  L=configs/tiny/t2v_distill_4step_lora_mode.json
+  T=configs/infer/tiny/t2v_teacher.json I=configs/infer/tiny/i2v_teacher.json S=configs/infer/tiny/t2v_distill_4step.json
+  L=configs/infer/tiny/t2v_distill_4step_lora_mode.json
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_teacher_guide_interval --config $T \
       --config "$T:sample_guide_interval=[300,850]" --config "$T:sample_guide_interval=[0,850]" \
       --config "$T:sample_guide_interval=[300,1000]"
@@ -106,8 +107,8 @@ guide_interval() {  # CFG only for t in [t_min, t_max] (docs/results.md "Guidanc
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_lora_mode_guide_interval \
       --config "$L:lora_configs=[{\"path\":\"runs/lora_mode_no_interval_r64.safetensors\",\"strength\":1.0}]" --config $L
   $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/i2v_dmd_guide_interval \
-      --config configs/tiny/i2v_distill_4step.json:model_path=runs/i2v_student_no_interval \
-      --config configs/tiny/i2v_distill_4step.json
+      --config configs/infer/tiny/i2v_distill_4step.json:model_path=runs/i2v_student_no_interval \
+      --config configs/infer/tiny/i2v_distill_4step.json
 }
 
 # One DMD variant of the sweep: name, config, overrides. Trains under runs/sweep/<name> (resumable) and exports
@@ -123,7 +124,7 @@ variant() {
 
 SWEEP="dmd_teacher_lr3e-5 dmd_teacher_lr1e-4 dmd_ode_lr3e-5 dmd_ode_lr1e-4 lora_lr1e-4 lora_lr3e-4"
 sweep_variant() {  # the sweep's variants by name (generator init x learning rate; LoRA mode x learning rate)
-  local D=configs/tiny/t2v_dmd.yaml L=configs/tiny/t2v_dmd_lora.yaml ODE=model.generator_init=runs/tiny_t2v_ode/model
+  local D=configs/train/tiny/t2v_dmd.yaml L=configs/train/tiny/t2v_dmd_lora.yaml ODE=model.generator_init=runs/tiny_t2v_ode/model
   case "$1" in
     dmd_teacher_lr3e-5) variant "$1" $D optim.lr=3e-5 dmd.lr_critic=3e-5 max_steps=1500 ;;
     dmd_teacher_lr1e-4) variant "$1" $D optim.lr=1e-4 dmd.lr_critic=1e-4 max_steps=1500 ;;
@@ -136,10 +137,10 @@ sweep_variant() {  # the sweep's variants by name (generator init x learning rat
 }
 
 ode() { [ -f runs/tiny_t2v_ode/model/config.json ] || timeout "$STAGE_TIMEOUT" $LAUNCH train.py \
-          --config configs/tiny/t2v_ode.yaml $EXTRA > runs/sweep/logs/ode.log 2>&1 || echo "ode: exit $?"; }
+          --config configs/train/tiny/t2v_ode.yaml $EXTRA > runs/sweep/logs/ode.log 2>&1 || echo "ode: exit $?"; }
 
 sweep_table() {  # every variant's student next to the teacher's rows: benchmarks/results/t2v_dmd_sweep.{md,json,png}
-  T=configs/tiny/t2v_teacher.json S=configs/tiny/t2v_distill_4step.json
+  T=configs/infer/tiny/t2v_teacher.json S=configs/infer/tiny/t2v_distill_4step.json
   args=(--config $T --config "$T:infer_steps=4,enable_cfg=false")
   for v in $SWEEP; do [ -d runs/sweep/$v/model ] && args+=(--config "$S:model_path=runs/sweep/$v/model"); done
   $PY -m benchmarks.quality $QUALITY --out $R/t2v_dmd_sweep "${args[@]}"
@@ -160,9 +161,37 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
   sweep_table; i2v_table
 }
 
+# Fewer steps as a config: the shipped T2V recipe (ODE init, then DMD) with only the student's step list changed.
+# The students go to runs/few_steps/<n>step/model (bf16, with schedule.json); they are not tracked (docs/results.md).
+FEW_STEPS=${FEW_STEPS:-"2:[1000,500] 1:[1000]"}
+few_step_student() {  # n, step list
+  local n=$1 steps=$2 D=runs/few_steps/${1}step
+  mkdir -p runs/few_steps/logs
+  [ -f $D-ode/model/config.json ] || $LAUNCH train.py --config configs/train/tiny/t2v_ode.yaml run_dir=$D-ode \
+      ode.trajectories=$D-ode/trajectories "distill.denoising_step_list=$steps" $EXTRA
+  $LAUNCH train.py --config configs/train/tiny/t2v_dmd.yaml run_dir=$D-dmd model.generator_init=$D-ode/model \
+      "distill.denoising_step_list=$steps" logging.sample_every=0 $EXTRA
+  $PY -m distill.export --run $D-dmd --out $D/model --dtype bf16
+}
+
+few_steps_table() {  # teacher, 4-step shipped student, 2- and 1-step students: quality, then speed side by side
+  T=configs/infer/tiny/t2v_teacher.json S=configs/infer/tiny/t2v_distill_4step.json
+  args=(--config $T --config $S)
+  for spec in $FEW_STEPS; do args+=(--config "$S:model_path=runs/few_steps/${spec%%:*}step/model"); done
+  $PY -m benchmarks.quality --prompts 96 --seeds 2 --out $R/t2v_few_steps "${args[@]}"
+  $PY -m benchmarks.speed --repeats 5 --out $R/t2v_few_steps_speed "${args[@]}"
+}
+
+few_steps() {  # one student after another (CPU); on a GPU machine run `few_step_student` calls side by side
+  mkdir -p runs/few_steps/logs
+  for spec in $FEW_STEPS; do few_step_student "${spec%%:*}" "${spec#*:}" > runs/few_steps/logs/${spec%%:*}step.log 2>&1 \
+      || { echo "${spec%%:*}-step student failed: runs/few_steps/logs/${spec%%:*}step.log" >&2; return 1; }; done
+  few_steps_table
+}
+
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes|few_steps|few_steps_table|few_step_student) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -104,7 +104,7 @@ def test_pretrain_two_processes_equal_one_with_accumulation(tmp_path):
 
 
 def test_dmd_two_processes_equal_one_with_accumulation(tmp_path, tiny_t2v_dir):
-    base = ["--config", "configs/tiny/t2v_dmd.yaml", f"model.path={tiny_t2v_dir}", "max_steps=4",
+    base = ["--config", "configs/train/tiny/t2v_dmd.yaml", f"model.path={tiny_t2v_dir}", "max_steps=4",
             "dmd.dfake_gen_update_ratio=2", "dmd.ema_start=1", *SMALL]
     one, two = tmp_path / "one", tmp_path / "two"
     launch([*base, f"run_dir={one}", f"output_model={one}/model", "grad_accum=2"], 1, tmp_path)

@@ -135,7 +135,7 @@ def test_staged_checkpoint_keeps_the_shards(tmp_path):
 # ---- slow: two processes per engine ------------------------------------------------------------------------------
 def dmd_args(teacher: Path, run: Path, *extra: str) -> list[str]:
     # lr 1e-3 so that 4 steps move the weights visibly (the comparisons below are not between unchanged weights)
-    return ["--config", "configs/tiny/t2v_dmd.yaml", f"model.path={teacher}", "max_steps=4",
+    return ["--config", "configs/train/tiny/t2v_dmd.yaml", f"model.path={teacher}", "max_steps=4",
             "dmd.dfake_gen_update_ratio=2", "dmd.ema_start=1", "optim.lr=1e-3", "dmd.lr_critic=1e-3", *SMALL,
             "checkpoint.every=2", f"run_dir={run}", f"output_model={run}/model", *extra]
 

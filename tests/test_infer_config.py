@@ -23,7 +23,7 @@ from inference.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p for d in ("wan", "distill", "tiny") for p in (REPO / "configs" / d).glob("*.json"))
+SHIPPED = sorted(p for d in ("infer/wan", "infer/tiny") for p in (REPO / "configs" / d).glob("*.json"))
 
 # Every key of docs/lightx2v_formats.md "Inference JSON" (+ the teacher keys), as a user's file has them.
 LIGHTX2V_DISTILL = {
@@ -183,18 +183,18 @@ def test_shipped_configs_load_without_warnings(path):
 
 def test_shipped_configs_exist():
     names = {p.relative_to(REPO / "configs").as_posix() for p in SHIPPED}
-    assert {"wan/wan_t2v.json", "wan/wan_i2v.json", "distill/wan_t2v_distill_4step_cfg.json",
-            "distill/wan_i2v_distill_4step_cfg.json"} <= names
+    assert {"infer/wan/wan_t2v.json", "infer/wan/wan_i2v.json", "infer/wan/wan_t2v_distill_4step_cfg.json",
+            "infer/wan/wan_i2v_distill_4step_cfg.json"} <= names
 
 
 def test_shipped_teacher_and_distill_values():
     """The baselines of docs/lightx2v_formats.md: T2V 50 steps / guide 6 / shift 8; I2V 40 / 5 / 3; distill 4 steps,
     no CFG."""
-    t2v, i2v = load_config(REPO / "configs/wan/wan_t2v.json"), load_config(REPO / "configs/wan/wan_i2v.json")
+    t2v, i2v = load_config(REPO / "configs/infer/wan/wan_t2v.json"), load_config(REPO / "configs/infer/wan/wan_i2v.json")
     assert (t2v.infer_steps, t2v.sample_guide_scale, t2v.sample_shift, t2v.enable_cfg) == (50, 6, 8, True)
     assert (i2v.infer_steps, i2v.sample_guide_scale, i2v.sample_shift, i2v.task) == (40, 5, 3, "i2v")
     for name in ("wan_t2v_distill_4step_cfg.json", "wan_i2v_distill_4step_cfg.json"):
-        d = load_config(REPO / "configs/distill" / name)
+        d = load_config(REPO / "configs/infer/wan" / name)
         assert d.denoising_step_list == [1000, 750, 500, 250] and d.infer_steps == 4 and not d.enable_cfg
 
 

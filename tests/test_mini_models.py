@@ -268,7 +268,7 @@ def test_real_configs_generate_on_both_layouts(folders, image_file, task):
     image = {"image": str(image_file)} if task == "i2v" else {}
     videos = {}
     for layout in ("official", "diffusers"):
-        pipe = load_pipeline(REPO / "configs" / "wan" / f"wan_{task}.json", folders[(task, layout)],
+        pipe = load_pipeline(REPO / "configs" / "infer" / "wan" / f"wan_{task}.json", folders[(task, layout)],
                              infer_steps=3, **SMALL)
         videos[layout] = pipe.generate([PROMPT], seed=0, **image)
         assert videos[layout].shape == (1, 5, 32, 32, 3) and videos[layout].std() > 1
@@ -278,13 +278,13 @@ def test_real_configs_generate_on_both_layouts(folders, image_file, task):
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_distill_config_runs_on_distill_models(folders, image_file, tmp_path, layout):
-    """configs/distill/*: model_cls wan2.1_distill reads distill_models/distill_model.safetensors."""
+    """configs/infer/wan/*_distill_*: model_cls wan2.1_distill reads distill_models/distill_model.safetensors."""
     folder = Path(shutil.copytree(folders[("i2v", layout)], tmp_path / "m"))
     dit = load_any_folder(folder, "i2v").dit
     from models.loading import write_safetensors
 
     write_safetensors(dit.state_dict(), folder / "distill_models" / "distill_model.safetensors")
-    pipe = load_pipeline(REPO / "configs" / "distill" / "wan_i2v_distill_4step_cfg.json", folder, **SMALL)
+    pipe = load_pipeline(REPO / "configs" / "infer" / "wan" / "wan_i2v_distill_4step_cfg.json", folder, **SMALL)
     assert pipe.dit.weights_source.endswith("distill_model.safetensors")
     assert pipe.generate([PROMPT], seed=0, image=str(image_file)).shape == (1, 5, 32, 32, 3)
 

@@ -40,7 +40,7 @@ def test_trajectories_from_two_ranks_equal_one_process(tmp_path, tiny_t2v_dir, o
     shards = {}
     for nproc in (1, 2):
         root = tmp_path / f"traj{nproc}"
-        args = [str(REPO / "configs/tiny/t2v_ode.yaml"), f"run_dir={tmp_path}/run{nproc}",
+        args = [str(REPO / "configs/train/tiny/t2v_ode.yaml"), f"run_dir={tmp_path}/run{nproc}",
                 f"model.path={tiny_t2v_dir}", f"ode.trajectories={root}", "ode.num_trajectories=6", *SMALL]
         if nproc == 1:  # this process (the build writes the trajectories)
             trainer_for(load_train_config(args[0], args[1:]))
@@ -70,7 +70,7 @@ def write_pairs(root: Path, n: int = 4) -> Path:
 
 def test_i2v_ode_from_image_files_with_a_prompt_column_and_the_store(tmp_path, tiny_i2v_dir, one_thread):
     pairs = write_pairs(tmp_path)
-    cfg = load_train_config(REPO / "configs/tiny/t2v_ode.yaml",
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_ode.yaml",
                             [f"run_dir={tmp_path}/run", f"model.path={tiny_i2v_dir}", "data.source=prompts",
                              f"data.prompt_path={pairs}", "data.prompt_column=caption",
                              f"data.text_store={tmp_path}/store", f"ode.trajectories={tmp_path}/traj",
@@ -90,7 +90,7 @@ def test_i2v_ode_from_image_files_with_a_prompt_column_and_the_store(tmp_path, t
     # a changed prompt list makes the stored rows meaningless: an error naming it
     pairs.write_text(pairs.read_text().replace("number 3", "number three"))
     with pytest.raises(ValueError, match="another prompt list"):
-        trainer_for(load_train_config(REPO / "configs/tiny/t2v_ode.yaml",
+        trainer_for(load_train_config(REPO / "configs/train/tiny/t2v_ode.yaml",
                                       [f"run_dir={tmp_path}/run", f"model.path={tiny_i2v_dir}",
                                        "data.source=prompts", f"data.prompt_path={pairs}",
                                        "data.prompt_column=caption", f"ode.trajectories={tmp_path}/traj",

@@ -231,7 +231,7 @@ def test_nfe_is_steps_times_passes_times_batch(t2v_pipe, record_dit, batch, enab
 
 def test_distill_config_runs_four_dit_evaluations(t2v_pipe, record_dit):
     """The shipped distill config (sizes shrunk): 4 steps at the warped timesteps, one pass each (no CFG)."""
-    cfg = load_config(REPO / "configs/distill/wan_t2v_distill_4step_cfg.json", target_video_length=5,
+    cfg = load_config(REPO / "configs/infer/wan/wan_t2v_distill_4step_cfg.json", target_video_length=5,
                       target_height=32, target_width=32, dtype="fp32", device="cpu")
     assert cfg.denoising_step_list == [1000, 750, 500, 250] and not cfg.enable_cfg
     pipe = WanPipeline(cfg, t2v_pipe.dit, t2v_pipe.vae, t2v_pipe.text_encoder)

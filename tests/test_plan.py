@@ -50,16 +50,16 @@ def test_narrowed_tracing_equals_full_width(monkeypatch):
 
 
 def test_planner_items_and_engines():
-    cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml")
+    cfg = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml")
     ddp, fsdp8 = estimate(cfg, "ddp", 1), estimate(cfg, "fsdp", 8)
     gib = 1024**3
     assert ddp.memory["trainable parameters (fp32)"] == pytest.approx(2 * 4 * ddp.params / gib)
     assert ddp.memory["frozen parameters (teacher / shared base)"] == pytest.approx(2 * ddp.params / gib)  # bf16
     assert fsdp8.memory["AdamW states (2 x fp32)"] == pytest.approx(ddp.memory["AdamW states (2 x fp32)"] / 8)
     assert fsdp8.memory["activations"] == pytest.approx(ddp.memory["activations"])  # not sharded
-    ckpt_off = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["model.gradient_checkpointing=false"])
+    ckpt_off = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml", ["model.gradient_checkpointing=false"])
     assert estimate(ckpt_off).memory["activations"] > 3 * ddp.memory["activations"]
-    lora = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["lora.enabled=true"])
+    lora = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml", ["lora.enabled=true"])
     plan = estimate(lora)
     assert 250e6 < plan.trainable < 350e6  # rank-64 adapters on the attention and FFN linears of 40 blocks
     assert plan.memory["trainable parameters (fp32)"] < 0.05 * ddp.memory["trainable parameters (fp32)"]
@@ -95,8 +95,8 @@ def test_tensor_level_cpu_measurement_sees_a_transient_peak():
     assert 8 << 20 <= peak < 12 << 20
 
 
-# ---- launch lines and host RAM (configs/wan_distill/*.yaml headers) -------------------------------------------
-WAN_YAMLS = sorted((REPO / "configs/wan_distill").glob("*.yaml"))
+# ---- launch lines and host RAM (configs/train/wan/*.yaml headers) -------------------------------------------
+WAN_YAMLS = sorted((REPO / "configs/train/wan").glob("*.yaml"))
 
 
 def header_plan(path: Path) -> dict:
@@ -144,8 +144,8 @@ def test_config_headers_match_the_planner_and_launch_what_fits(path):
 
 
 def test_host_ram_items(tiny_i2v_dir):
-    cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml")
-    no_store = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["data.text_store=null"])
+    cfg = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml")
+    no_store = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml", ["data.text_store=null"])
     gib = 1024**3
     ddp, fsdp = estimate(cfg, "ddp", 8), estimate(cfg, "fsdp", 8, offload=True)
     text_key = lambda p: next(k for k in p.host_memory if k.startswith("text:"))  # noqa: E731
@@ -163,12 +163,12 @@ def test_host_ram_items(tiny_i2v_dir):
     items = {k: v for k, v in fsdp.host_memory.items() if k != "peak per node"}
     assert fsdp.host_memory["peak per node"] == pytest.approx(sum(items.values()))
     # the config's own distributed.cpu_offload plans the offload too
-    offload_cfg = load_train_config(REPO / "configs/wan_distill/t2v_14b_dmd.yaml", ["distributed.cpu_offload=true"])
+    offload_cfg = load_train_config(REPO / "configs/train/wan/t2v_14b_dmd.yaml", ["distributed.cpu_offload=true"])
     assert estimate(offload_cfg, "fsdp", 8).peak == pytest.approx(fsdp.peak)
     # I2V: CLIP and VAE run on the GPU per batch, planned there
-    i2v = estimate(load_train_config(REPO / "configs/wan_distill/i2v_14b_480p_dmd.yaml"), "fsdp", 8, offload=True)
+    i2v = estimate(load_train_config(REPO / "configs/train/wan/i2v_14b_480p_dmd.yaml"), "fsdp", 8, offload=True)
     assert 2.5 < i2v.memory["I2V encoders (CLIP + VAE, fp32)"] < 3.0
     assert "I2V encoders (CLIP + VAE, fp32)" not in fsdp.memory
     # an I2V teacher folder under the default (T2V) spec name: the I2V components of its family
-    tiny = estimate(load_train_config(REPO / "configs/tiny/i2v_dmd.yaml", [f"model.path={tiny_i2v_dir}"]))
+    tiny = estimate(load_train_config(REPO / "configs/train/tiny/i2v_dmd.yaml", [f"model.path={tiny_i2v_dir}"]))
     assert 0 < tiny.memory["I2V encoders (CLIP + VAE, fp32)"] < 0.01

@@ -152,7 +152,7 @@ def _port() -> int:
 
 def test_sharded_encode_with_two_processes_equals_one(tmp_path, tiny_t2v_dir, one_thread):
     """torchrun with 2 (gloo) processes, chunks split between the ranks, against this process alone."""
-    config = str(REPO / "configs/tiny/t2v_dmd.yaml")
+    config = str(REPO / "configs/train/tiny/t2v_dmd.yaml")
     stores = {}
     for nproc in (1, 2):
         (tmp_path / f"p{nproc}").mkdir()
@@ -173,10 +173,10 @@ def test_sharded_encode_with_two_processes_equals_one(tmp_path, tiny_t2v_dir, on
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_trainer_batches_from_the_store_equal_the_in_memory_path(dtype, tmp_path, tiny_t2v_dir, one_thread):
-    base = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", store_config(tmp_path, tiny_t2v_dir))
-    mem = trainer_for(load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    base = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml", store_config(tmp_path, tiny_t2v_dir))
+    mem = trainer_for(load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                                         store_config(tmp_path, tiny_t2v_dir, "data.text_store=null")))
-    store = trainer_for(load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    store = trainer_for(load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                                           store_config(tmp_path, tiny_t2v_dir, f"data.text_store_dtype={dtype}")))
     assert isinstance(mem.data.text, TextCache) and isinstance(store.data.text, PromptStore)
     assert (Path(base.data.text_store) / "index.json").is_file()  # encoded as the trainer's first step
@@ -237,10 +237,10 @@ def test_pairs_source_errors_name_the_problem(tmp_path):
 
 def test_encode_command_rejects_a_config_without_a_store(tmp_path, tiny_t2v_dir, capsys):
     with pytest.raises(SystemExit) as e:
-        ep.main(["--config", str(REPO / "configs/tiny/t2v_dmd.yaml"), f"model.path={tiny_t2v_dir}"])
+        ep.main(["--config", str(REPO / "configs/train/tiny/t2v_dmd.yaml"), f"model.path={tiny_t2v_dir}"])
     assert e.value.code == 2 and "data.text_store" in capsys.readouterr().err
     with pytest.raises(ValueError, match="data.text_store_dtype must be one of"):
-        load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", [f"model.path={tiny_t2v_dir}",
+        load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml", [f"model.path={tiny_t2v_dir}",
                                                                 "data.text_store_dtype=int8"])
 
 
@@ -254,7 +254,7 @@ def test_store_from_an_official_layout_folder_with_the_real_config(tmp_path, one
     (tmp_path / "p.txt").write_text("a cat on a skateboard\na drone shot of waves\n")
     overrides = [f"model.path={folder}", f"data.prompt_path={tmp_path}/p.txt", f"data.text_store={tmp_path}/store",
                  "data.num_frames=5", "data.height=32", "data.width=32"]
-    config = str(REPO / "configs/wan_distill/t2v_1.3b_dmd.yaml")
+    config = str(REPO / "configs/train/wan/t2v_1.3b_dmd.yaml")
     assert ep.main(["--config", config, *overrides]) == 0
     cfg = load_train_config(config, overrides)
     prompts = ep.store_prompts(cfg)

@@ -72,7 +72,7 @@ def test_prompt_image_pairs_resolve_relative_paths(tmp_path):
 
 def test_dmd_reads_a_prompt_file(tmp_path, tiny_t2v_dir, one_thread):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
-    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                             [f"run_dir={tmp_path}/run", f"output_model={tmp_path}/out", f"model.path={tiny_t2v_dir}",
                              "data.source=prompts", f"data.prompt_path={tmp_path}/p.txt", *SMALL])
     trainer = trainer_for(cfg)
@@ -84,7 +84,7 @@ def test_dmd_reads_a_prompt_file(tmp_path, tiny_t2v_dir, one_thread):
 
 def test_i2v_dmd_reads_prompt_image_pairs(tmp_path, tiny_i2v_dir, one_thread):
     pairs = write_pairs(tmp_path)
-    cfg = load_train_config(REPO / "configs/tiny/i2v_dmd.yaml",
+    cfg = load_train_config(REPO / "configs/train/tiny/i2v_dmd.yaml",
                             [f"run_dir={tmp_path}/run", f"output_model={tmp_path}/out", f"model.path={tiny_i2v_dir}",
                              "data.source=prompts", f"data.prompt_path={pairs}", *SMALL])
     trainer = trainer_for(cfg)
@@ -108,7 +108,7 @@ def test_i2v_dmd_conditions_on_a_captioned_folder_like_on_a_pairs_file(tmp_path,
         (folder / f"{i:03d}.txt").write_text(row["prompt"])
     batches = []
     for source, extra in ((pairs, []), (folder, [f"data.text_store={tmp_path}/store"])):
-        cfg = load_train_config(REPO / "configs/tiny/i2v_dmd.yaml",
+        cfg = load_train_config(REPO / "configs/train/tiny/i2v_dmd.yaml",
                                 [f"run_dir={tmp_path}/run", f"model.path={tiny_i2v_dir}", "data.source=prompts",
                                  f"data.prompt_path={source}", *SMALL, *extra])
         trainer = trainer_for(cfg)

@@ -39,9 +39,9 @@ from models.wan_model import WanModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STUDENT = REPO_ROOT / "configs/tiny/t2v_distill_4step.json"
-STUDENT_INT8 = REPO_ROOT / "configs/tiny/t2v_distill_4step_int8.json"
-TEACHER_LORA = REPO_ROOT / "configs/tiny/t2v_distill_4step_lora.json"
+STUDENT = REPO_ROOT / "configs/infer/tiny/t2v_distill_4step.json"
+STUDENT_INT8 = REPO_ROOT / "configs/infer/tiny/t2v_distill_4step_int8.json"
+TEACHER_LORA = REPO_ROOT / "configs/infer/tiny/t2v_distill_4step_lora.json"
 PROMPTS_8 = PROMPTS[::12]  # 8 prompts over all colours / shapes / directions
 QDTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 I2V = dict(model_type="i2v", text_len=8, in_dim=36, dim=32, ffn_dim=64, freq_dim=32, out_dim=16, num_heads=2,

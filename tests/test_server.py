@@ -56,18 +56,18 @@ def serve(tmp: Path, config: str, **kw):
 
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("t2v"), "configs/tiny/t2v_distill_4step.json")
+    yield from serve(tmp_path_factory.mktemp("t2v"), "configs/infer/tiny/t2v_distill_4step.json")
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("teacher"), "configs/tiny/t2v_teacher.json", max_queue_size=2,
+    yield from serve(tmp_path_factory.mktemp("teacher"), "configs/infer/tiny/t2v_teacher.json", max_queue_size=2,
                      limits={"max_steps": 1000})  # long runs on purpose
 
 
 @pytest.fixture(scope="module")
 def i2v(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("i2v"), "configs/tiny/i2v_distill_4step.json")
+    yield from serve(tmp_path_factory.mktemp("i2v"), "configs/infer/tiny/i2v_distill_4step.json")
 
 
 def submit(s: Served, **body) -> str:
@@ -276,7 +276,7 @@ def test_cancel_pending_and_running_tasks_and_queue_full(teacher):
 
 
 def test_shutdown_cancels_the_running_task_and_joins_the_worker(tmp_path):
-    manager = build_manager("configs/tiny/t2v_teacher.json", output_dir=tmp_path, target_video_length=FRAMES,
+    manager = build_manager("configs/infer/tiny/t2v_teacher.json", output_dir=tmp_path, target_video_length=FRAMES,
                             limits={"max_steps": 1000})
     server = BackgroundServer(create_app(manager)).start()
     with httpx.Client(base_url=server.url) as client:
@@ -330,7 +330,7 @@ def test_non_image_fails_that_task_and_the_next_completes(i2v, tmp_path):
 def test_load_benchmark_small_run(capsys, tmp_path):
     from benchmarks.load_server import main, run_load
 
-    summary = main(["--config", "configs/tiny/t2v_distill_4step.json", "--requests", "4", "--concurrency", "2",
+    summary = main(["--config", "configs/infer/tiny/t2v_distill_4step.json", "--requests", "4", "--concurrency", "2",
                     "--target_video_length", str(FRAMES), "--out", str(tmp_path / "load")])
     assert summary["completed"] == 4 and summary["failed"] == 0
     assert summary["throughput_videos_per_s"] > 0

@@ -28,14 +28,14 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("t2v_hard"), "configs/tiny/t2v_distill_4step.json")
+    yield from serve(tmp_path_factory.mktemp("t2v_hard"), "configs/infer/tiny/t2v_distill_4step.json")
 
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
     """Small limits and an API key."""
     tmp = tmp_path_factory.mktemp("strict")
-    manager = build_manager("configs/tiny/t2v_distill_4step.json", output_dir=tmp / "out", target_video_length=FRAMES,
+    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp / "out", target_video_length=FRAMES,
                             limits={"max_body_bytes": 4096, "max_prompt_chars": 64, "max_frames": 9,
                                     "max_pixels": 48 * 48})
     with BackgroundServer(create_app(manager, api_key=KEY)) as server:
@@ -45,7 +45,7 @@ def strict(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def i2v(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("i2v_hard"), "configs/tiny/i2v_distill_4step.json")
+    yield from serve(tmp_path_factory.mktemp("i2v_hard"), "configs/infer/tiny/i2v_distill_4step.json")
 
 
 def detail(r: httpx.Response) -> str:
@@ -90,7 +90,7 @@ def test_steps_limit(teacher_small):
 
 @pytest.fixture(scope="module")
 def teacher_small(tmp_path_factory):
-    yield from serve(tmp_path_factory.mktemp("teacher_small"), "configs/tiny/t2v_teacher.json")
+    yield from serve(tmp_path_factory.mktemp("teacher_small"), "configs/infer/tiny/t2v_teacher.json")
 
 
 def test_huge_body_is_413_before_parsing(strict):
@@ -160,7 +160,7 @@ def test_cli_api_key_from_env_and_lightx2v_flags(monkeypatch):
 
 
 def test_cli_refuses_unsupported_model_cls_before_loading(capsys):
-    assert server_mod.main(["--config", "configs/tiny/t2v_distill_4step.json", "--model_cls", "wan2.1_sf",
+    assert server_mod.main(["--config", "configs/infer/tiny/t2v_distill_4step.json", "--model_cls", "wan2.1_sf",
                             "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "WARNING" in err and "model_cls 'wan2.1_sf'" in err and "Self-Forcing" in err
@@ -227,7 +227,7 @@ def test_cancel_stops_inside_the_wan_vae_decode(tmp_path):
     causal-conv layers: a cancel after the last denoising step stops it within one layer, and nothing is written."""
     from models.vae import WanVAE
 
-    manager = build_manager("configs/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
+    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
     manager.pipe.vae = WanVAE(dim=8, z_dim=manager.pipe.vae.z_dim).eval()
     n = sum(1 for _ in manager.pipe.vae.decoder.modules())
     with BackgroundServer(create_app(manager)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -252,7 +252,7 @@ def test_cancel_stops_inside_the_wan_vae_decode(tmp_path):
 
 
 def test_shutdown_inside_a_long_stage_takes_seconds(tmp_path):
-    manager = build_manager("configs/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
+    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
     server = BackgroundServer(create_app(manager)).start()
     hooks = slow_layers(manager.pipe.dit, 0.2)  # a DiT forward of ~minutes
     try:
@@ -352,7 +352,7 @@ def test_small_request_completes_while_an_abusive_one_is_refused(t2v):
 def test_abuse_benchmark_holds_every_case(tmp_path, capsys):
     from benchmarks.load_server import main
 
-    summary = main(["--config", "configs/tiny/t2v_distill_4step.json", "--abuse", "--out", str(tmp_path / "abuse")])
+    summary = main(["--config", "configs/infer/tiny/t2v_distill_4step.json", "--abuse", "--out", str(tmp_path / "abuse")])
     failed = [c for c in summary["cases"] if c["held"] is False]
     assert summary["held"] == summary["total"] >= 13 and not failed, failed
     # a distill run may end before the DELETE: only that case may go unmeasured, and then it says so
@@ -370,7 +370,7 @@ def test_sigterm_during_a_long_run_exits_in_seconds(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", "configs/tiny/t2v_teacher.json",
+    proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", "configs/infer/tiny/t2v_teacher.json",
                              "--port", "0", "--output_dir", str(tmp_path), "--max_steps", "1000",
                              "--log_level", "info"], stderr=subprocess.PIPE, text=True)
     try:

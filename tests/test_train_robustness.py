@@ -42,7 +42,7 @@ from tests.trainer_util import (
 from train import main as train_main
 from train import trainer_for
 
-TINY_YAMLS = sorted((REPO / "configs" / "tiny").glob("*.yaml"))
+TINY_YAMLS = sorted((REPO / "configs" / "train" / "tiny").glob("*.yaml"))
 
 
 # ---- 1. output_model: inside run_dir unless the recipe says otherwise ------------------------------------------
@@ -56,7 +56,7 @@ def test_debug_run_of_a_tiny_yaml_does_not_touch_the_shipped_models(tmp_path, on
     shipped = REPO / "checkpoints" / "tiny-t2v-teacher"
     before = file_digests(shipped)
     run = tmp_path / "run"
-    cfg = load_train_config(REPO / "configs/tiny/t2v_teacher.yaml", [f"run_dir={run}", "max_steps=1", *SMALL])
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_teacher.yaml", [f"run_dir={run}", "max_steps=1", *SMALL])
     assert train(cfg) == run / "model"
     assert (run / "model" / "diffusion_pytorch_model.safetensors").is_file()
     assert file_digests(shipped) == before
@@ -170,7 +170,7 @@ def test_resume_without_any_intact_checkpoint_is_an_error_naming_each(tmp_path, 
     bad = run / "checkpoints" / "step_00000002"
     with pytest.raises(CheckpointError, match=r"checkpoint\.resume=.*step_00000002: not an intact checkpoint: optim"):
         trainer_for(pretrain_cfg(run, "max_steps=3", f"checkpoint.resume={bad}"))
-    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", f"run_dir={run}", f"model.path={tiny_t2v_dir}"],
+    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", f"run_dir={run}", f"model.path={tiny_t2v_dir}"],
            "step_00000001: optim.pt is missing")
 
 
@@ -250,7 +250,7 @@ def test_checkpoints_path_that_is_a_file_fails_before_step_0(tmp_path, capsys, o
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoints").write_text("not a folder")
-    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", f"run_dir={run}"],
+    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", f"run_dir={run}"],
            f"{run / 'checkpoints'} exists and is a file")
     with pytest.raises(ValueError, match="exists and is a file"):
         trainer_for(pretrain_cfg(run, "max_steps=1"))
@@ -272,7 +272,7 @@ def test_garbled_or_list_shaped_yaml_is_named(tmp_path, capsys, text, message):
 
 @pytest.mark.parametrize("override", ["seed=-1", "data.seed=-3", "logging.sample_seed=4294967296"])
 def test_seed_out_of_range(capsys, override):
-    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", override], "must be in [0, 2**32 - 1]")
+    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", override], "must be in [0, 2**32 - 1]")
 
 
 def test_truncated_teacher_or_generator_weights_name_the_file(tmp_path, capsys, tiny_t2v_dir):
@@ -280,13 +280,13 @@ def test_truncated_teacher_or_generator_weights_name_the_file(tmp_path, capsys, 
     shutil.copytree(tiny_t2v_dir, teacher)
     weights = teacher / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", f"model.path={teacher}", f"run_dir={tmp_path / 'r'}"],
+    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", f"model.path={teacher}", f"run_dir={tmp_path / 'r'}"],
            f"{weights} (model.path) is not a complete safetensors file")
     init = tmp_path / "init"
     (init / "distill_models").mkdir(parents=True)
     shutil.copy(tiny_t2v_dir / "config.json", init / "config.json")
     (init / "distill_models" / "distill_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-    _fails(capsys, ["--config", "configs/tiny/t2v_dmd.yaml", f"model.path={tiny_t2v_dir}",
+    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", f"model.path={tiny_t2v_dir}",
                     f"model.generator_init={init}", f"run_dir={tmp_path / 'r'}"],
            f"{init / 'distill_models' / 'distill_model.safetensors'} (model.generator_init) is not a complete")
 
@@ -314,7 +314,7 @@ def test_exploding_updates_with_finite_loss_are_undone_and_stop_the_run(tmp_path
 
 def test_train_py_reports_the_guard_stop_without_a_traceback(tmp_path, capsys, one_thread):
     run = tmp_path / "run"
-    argv = ["--config", "configs/tiny/t2v_teacher.yaml", f"run_dir={run}", "max_steps=50", "optim.lr=1e30", *SMALL]
+    argv = ["--config", "configs/train/tiny/t2v_teacher.yaml", f"run_dir={run}", "max_steps=50", "optim.lr=1e30", *SMALL]
     assert train_main(argv) == 1
     err = capsys.readouterr().err
     assert "error: 5 model updates in a row had a non-finite gradient norm" in err and "Traceback" not in err

@@ -105,7 +105,7 @@ def _pairs(folder, prompts: list[str]):
 
 
 def _i2v_cfg(run, teacher, *overrides: str):
-    return load_train_config(REPO / "configs/tiny/i2v_dmd.yaml",
+    return load_train_config(REPO / "configs/train/tiny/i2v_dmd.yaml",
                              [f"run_dir={run}", f"model.path={teacher}", *SMALL, "dmd.dfake_gen_update_ratio=2",
                               "dmd.ema_start=1", *overrides])
 

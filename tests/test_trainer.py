@@ -100,7 +100,7 @@ def test_lr_schedule_warmup_stable_decay():
 
 
 def test_config_defaults_yaml_overrides():
-    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", ["optim.lr=1e-3", "dmd.guide_scale=3"])
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml", ["optim.lr=1e-3", "dmd.guide_scale=3"])
     assert cfg.task == "dmd" and cfg.optim.lr == 1e-3 and cfg.dmd.guide_scale == 3.0
     assert cfg.distill.denoising_step_list == [1000, 750, 500, 250]
     assert cfg.dmd.t_min == 20.0  # a default (not in the YAML)
@@ -108,14 +108,14 @@ def test_config_defaults_yaml_overrides():
 
 
 def test_train_py_dry_run_prints_resolved_yaml():
-    cmd = [sys.executable, "train.py", "--config", "configs/tiny/t2v_dmd.yaml", "--dry-run", "optim.lr=0.001",
+    cmd = [sys.executable, "train.py", "--config", "configs/train/tiny/t2v_dmd.yaml", "--dry-run", "optim.lr=0.001",
            "max_steps=7"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["task"] == "dmd" and printed["max_steps"] == 7 and printed["optim"]["lr"] == 0.001
     assert printed["dmd"]["t_max"] == 980.0  # defaults are part of the resolved config
-    cfg = load_train_config(REPO / "configs/tiny/t2v_dmd.yaml", ["optim.lr=0.001", "max_steps=7"])
+    cfg = load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml", ["optim.lr=0.001", "max_steps=7"])
     body = "\n".join(line for line in out.stdout.splitlines() if not line.startswith("#"))
     assert body.strip() == to_yaml(cfg).strip()
     estimate = [line for line in out.stdout.splitlines() if line.startswith("#")]
@@ -125,11 +125,11 @@ def test_train_py_dry_run_prints_resolved_yaml():
 
 
 def test_train_py_exit_code_2_on_bad_config(capsys):
-    out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny/t2v_dmd.yaml", "max_steps=abc"],
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/train/tiny/t2v_dmd.yaml", "max_steps=abc"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "max_steps" in out.stderr and "Traceback" not in out.stderr
     # the same through main() in-process (rules and missing files)
-    assert train_main(["--config", "configs/tiny/t2v_dmd.yaml", "data.num_frames=6"]) == 2
+    assert train_main(["--config", "configs/train/tiny/t2v_dmd.yaml", "data.num_frames=6"]) == 2
     assert "4n+1" in capsys.readouterr().err
     assert train_main(["--config", "no/such/file.yaml"]) == 2
     assert "not found" in capsys.readouterr().err
@@ -364,7 +364,7 @@ def test_grad_accum_gradient_equals_big_batch(tmp_path, one_thread, monkeypatch)
                                            ("i2v_14b_480p_dmd", "16.395")])
 def test_real_size_configs_pass_dry_run(name, billions):
     """Real-size configs resolve without weights (sizes from the registry spec) and plan the right model."""
-    out = subprocess.run([sys.executable, "train.py", "--config", f"configs/wan_distill/{name}.yaml", "--dry-run"],
+    out = subprocess.run([sys.executable, "train.py", "--config", f"configs/train/wan/{name}.yaml", "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"DiT parameters: {billions} B;" in out.stdout and "tokens per sample: 32760" in out.stdout

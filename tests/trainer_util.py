@@ -32,13 +32,13 @@ def pretrain_cfg(run: Path, *overrides: str):
 
 
 def dmd_cfg(run: Path, teacher: Path, *overrides: str):
-    return load_train_config(REPO / "configs/tiny/t2v_dmd.yaml",
+    return load_train_config(REPO / "configs/train/tiny/t2v_dmd.yaml",
                              [f"run_dir={run}", f"output_model={run}/model", f"model.path={teacher}", *SMALL,
                               "dmd.dfake_gen_update_ratio=2", "dmd.ema_start=1", *overrides])
 
 
 def ode_cfg(run: Path, teacher: Path, trajectories: Path, *overrides: str):
-    return load_train_config(REPO / "configs/tiny/t2v_ode.yaml",
+    return load_train_config(REPO / "configs/train/tiny/t2v_ode.yaml",
                              [f"run_dir={run}", f"output_model={run}/model", f"model.path={teacher}", *SMALL,
                               f"ode.trajectories={trajectories}", "ode.num_trajectories=4", "ode.shard_size=2",
                               "ode.teacher_steps=8", "optim.warmup_steps=2", *overrides])
