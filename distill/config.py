@@ -73,6 +73,12 @@ class OptimConfig:
     max_update: float = 1.0
 
 
+# Shift keys have one naming style, by what the shift acts on: `*sample_shift` warps a sampler's sigma grid (the
+# student's `distill.sample_shift`, the ODE teacher's `ode.teacher_sample_shift`, inference's `sample_shift`);
+# `timestep_shift` warps the timesteps drawn for a training loss (`pretrain.timestep_shift`, `dmd.timestep_shift`).
+# Both use the same map s = shift*u / (1 + (shift-1) u) (inference/flow.py).
+
+
 @dataclass
 class PretrainConfig:
     timestep_shift: float = 3.0  # u ~ U(0,1), s = shift*u / (1 + (shift-1) u): more steps at high noise
@@ -104,7 +110,7 @@ class DMDConfig:
     # [t_min, t_max] (0-1000): the teacher's CFG only at critic timesteps inside, w = 1 outside (guidance in a
     # limited interval, as the sampler's sample_guide_interval); None: every timestep
     guide_interval: list[float] | None = None
-    critic_shift: float = 5.0  # critic timestep: s = shift(u), t = 1000 s clamped to [t_min, t_max]
+    timestep_shift: float = 5.0  # DMD / critic timestep: s = shift(u), t = 1000 s clamped to [t_min, t_max]
     t_min: float = 20.0
     t_max: float = 980.0
     dfake_gen_update_ratio: int = 5  # generator updated every N iterations, critic every iteration
@@ -123,7 +129,7 @@ class ODEConfig:
     num_trajectories: int = 256
     teacher_steps: int = 50
     guide_scale: float = 5.0
-    teacher_shift: float = 3.0
+    teacher_sample_shift: float = 3.0  # the teacher's sampler grid for the trajectories
     shard_size: int = 32
 
 

@@ -162,7 +162,7 @@ class DMDTrainer(Trainer):
                     x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k,
                                                   gaussian_noise(rng))
                     loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guide_scale,
-                                       cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
+                                       cfg.dmd.timestep_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
                                        cfg.dmd.guide_interval)
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
@@ -185,7 +185,7 @@ class DMDTrainer(Trainer):
             last = micro == cfg.grad_accum - 1
             with self.no_sync("critic", last):
                 with acc.autocast():
-                    loss = critic_loss(self.critic, x, cond, cfg.dmd.critic_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
+                    loss = critic_loss(self.critic, x, cond, cfg.dmd.timestep_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
                 if not self.check_finite(loss.detach(), "critic"):
                     self.opt_c.zero_grad(set_to_none=True)
                     return {"critic_skipped": 1.0}

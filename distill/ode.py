@@ -187,7 +187,7 @@ class ODETrainer(Trainer):
         noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
         states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
                                     cfg.guide_scale, self.sigmas.tolist(), cfg.teacher_steps,
-                                    cfg.teacher_shift).cpu()
+                                    cfg.teacher_sample_shift).cpu()
         tensors = {"states": states}
         if cond.y is not None:
             tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}

@@ -49,7 +49,7 @@ def denoiser(net, batch: int):
 
 def train_dmd(step_list: list[int], shift: float, sign: float = 1.0, seed: int = 0, iters: int = 700,
               warmup: int = 200, batch: int = 512, ratio: int = 1, lr_g: float = 3e-3, lr_c: float = 5e-3,
-              critic_shift: float = 1.0, hidden: int = 64,
+              timestep_shift: float = 1.0, hidden: int = 64,
               n_eval: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """DMD-train a fresh generator on MIX -> (n_eval samples of the few-step sampler, n_eval samples of the
     exit-step outputs, n_eval / n per exit step: the distribution the critic is trained on).
@@ -72,7 +72,7 @@ def train_dmd(step_list: list[int], shift: float, sign: float = 1.0, seed: int =
     def critic_step():  # on the generator's samples at a random exit step, like the generator step (dmd.py)
         with torch.no_grad():
             x = rollout(int(torch.randint(n, (), generator=g)))
-        loss = critic_loss(fake, x, cond, critic_shift, generator=g)
+        loss = critic_loss(fake, x, cond, timestep_shift, generator=g)
         opt_c.zero_grad(set_to_none=True)
         loss.backward()
         opt_c.step()
@@ -85,7 +85,7 @@ def train_dmd(step_list: list[int], shift: float, sign: float = 1.0, seed: int =
                 group["lr"] *= 0.2
         if it % ratio == 0:  # generator first, then the critic (DMDTrainer.train_step)
             x = rollout(int(torch.randint(n, (), generator=g)))
-            loss, _ = dmd_loss(x, real, fake, cond, None, 1.0, critic_shift, generator=g)
+            loss, _ = dmd_loss(x, real, fake, cond, None, 1.0, timestep_shift, generator=g)
             opt_g.zero_grad(set_to_none=True)
             (sign * loss).backward()
             opt_g.step()
