@@ -15,7 +15,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.shapes import ShapesWorld
 from inference.schedule import DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_UPDATE, StudentSchedule
 
 LORA_TARGETS = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)", r"blocks\.\d+\.ffn\.(0|2)")
@@ -53,10 +52,6 @@ class DataConfig:
     text_store_dtype: str = "bf16"  # bf16 | fp16 | fp32: the encoder's compute dtype and the stored dtype
     text_store_chunk: int = 1024  # prompts per shard file (the unit of resume and of the split across ranks)
     text_store_micro_batch: int = 32  # prompts per umT5 forward
-
-    def world(self) -> ShapesWorld:
-        """The shapes world these settings render (frames, size, object size range)."""
-        return ShapesWorld(self.num_frames, self.height, self.width, size_range=tuple(self.object_size))
 
 
 @dataclass
@@ -244,8 +239,6 @@ class TrainConfig:
         if self.data.text_store and self.task == "pretrain":
             raise ValueError("data.text_store is for the distillation tasks (ode/dmd); pretrain uses the shapes "
                              "world's in-memory cache: unset data.text_store")
-        if self.data.source == "shapes":
-            self.data.world()  # ShapesWorld checks the object size range against the frame and the travel
         if self.pretrain.timestep_shift <= 0:
             raise ValueError("pretrain.timestep_shift must be > 0")
         if self.task in ("ode", "dmd") and self.model.path is None:

@@ -216,10 +216,16 @@ def is_i2v(cfg) -> bool:
     return dit_config(cfg)["model_type"] in ("i2v", "flf2v")
 
 
+def shapes_world(data) -> ShapesWorld:
+    """The shapes world a config's `data` section renders (frames, size, object size range); ShapesWorld checks
+    the object size range against the frame and the travel."""
+    return ShapesWorld(data.num_frames, data.height, data.width, size_range=tuple(data.object_size))
+
+
 def source_data(cfg, i2v: bool) -> tuple[list[str], ShapesWorld | None, ImagePairs | None]:
     """(prompts in source order, shapes world or None, image pairs or None) of a distillation config."""
     if cfg.data.source == "shapes":
-        return list(PROMPTS), cfg.data.world(), None
+        return list(PROMPTS), shapes_world(cfg.data), None
     if i2v:
         pairs = load_pairs(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
         return pairs.prompts, None, pairs

@@ -1,5 +1,5 @@
 """Checks of a training run's inputs that need no model: the run directory, the DiT weight files it will read,
-the sample images. `train.py` runs them before anything is built, and the trainer again at build time."""
+the sample images, the shapes world's settings. `train.py` runs them before anything is built, and the trainer again at build time."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 from safetensors import safe_open
 
 from distill.config import TrainConfig
+from distill.data import shapes_world
 from models.loading import DIT_WEIGHTS, find_dit_weights
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """The input checks that need no model: run directory, DiT weight files, sample image files."""
+    """The input checks that need no model: run directory, DiT weight files, sample image files, shapes world."""
     check_run_dir(Path(cfg.run_dir))
+    if cfg.data.source == "shapes":
+        shapes_world(cfg.data)  # raises if the object size range does not fit the frame and the travel
     check_weight_files(cfg)
     missing = [p for p in cfg.logging.sample_images if not Path(p).is_file()]
     if missing:

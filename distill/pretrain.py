@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill.data import ShapesBatches, TextCache, all_prompts
+from distill.data import ShapesBatches, TextCache, all_prompts, shapes_world
 from distill.ema import EMA
 from distill.losses import flow_matching_loss
 from distill.trainer import Metrics, Trainer
@@ -71,7 +71,7 @@ class PretrainTrainer(Trainer):
                                 weight_decay=cfg.optim.weight_decay)
         self.dit, self.opt = self.accelerator.prepare(dit, opt)
         self.networks, self.optimizers, self.extra_state = {"model": self.dit}, {"model": self.opt}, {"ema": self.ema}
-        world = cfg.data.world()
+        world = shapes_world(cfg.data)
         text = TextCache(self.text_encoder, all_prompts(), dit.text_len)
         self.data = ShapesBatches(world, self.vae, text, cfg.data.cfg_dropout, cfg.data.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes,

@@ -157,7 +157,9 @@ class Trainer:
         if given:
             return [read_image(p) for p in given]
         if cfg.data.source == "shapes":
-            world = cfg.data.world()
+            from distill.data import shapes_world
+
+            world = shapes_world(cfg.data)
             return [world.render(p, cfg.logging.sample_seed)[0] for p in prompts]
         from distill.data import load_pairs
 

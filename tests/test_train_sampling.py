@@ -11,6 +11,7 @@ import torch
 
 import distill.trainer as trainer_module
 from distill.config import load_train_config
+from distill.data import shapes_world
 from inference.pipeline import WanPipeline
 from inference.video import read_image
 from tests.trainer_util import COMPONENTS, REPO, SMALL, dmd_cfg, pretrain_cfg
@@ -146,7 +147,7 @@ def test_i2v_shapes_data_samples_from_the_world(tmp_path, one_thread, tiny_i2v_d
     cfg = _i2v_cfg(tmp_path / "run", tiny_i2v_dir, "max_steps=1", f"logging.sample_prompts=['{PROMPT}']")
     trainer = trainer_for(cfg)
     np.testing.assert_array_equal(trainer.sample_conditioning_images()[0],
-                                  cfg.data.world().render(PROMPT, cfg.logging.sample_seed)[0])
+                                  shapes_world(cfg.data).render(PROMPT, cfg.logging.sample_seed)[0])
     trainer.logger.close()
 
 

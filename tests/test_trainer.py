@@ -74,12 +74,22 @@ def test_config_unknown_key_in_yaml_names_it(tmp_path):
     (["mixed_precision=fp8"], r"mixed_precision"),
     (["data.object_size=[0.3]"], r"object_size must be \[min, max\]"),
     (["dmd.guide_interval=[900,100]"], r"dmd.guide_interval must be \[t_min, t_max\]"),
-    (["data.object_size=[0.6,0.9]"], r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"),
     (["max_steps=100", "optim.decay_steps=101"], r"optim.decay_steps must be in \[0, max_steps=100\]"),
 ])
 def test_config_rules(overrides, rule):
     with pytest.raises(ValueError, match=rule):
         load_train_config(None, [f"model.components_path={COMPONENTS}", *overrides])
+
+
+def test_shapes_world_settings_checked_before_any_model(tmp_path):
+    """The shapes world's size rule is the data module's (the config does not import the world); train.py's
+    preflight applies it before anything is built."""
+    from distill.preflight import preflight
+
+    cfg = load_train_config(None, [f"model.components_path={COMPONENTS}", f"run_dir={tmp_path / 'run'}",
+                                   "data.object_size=[0.6,0.9]"])
+    with pytest.raises(ValueError, match=r"size_range \(0.6, 0.9\) .* do not fit a 48x48 frame"):
+        preflight(cfg)
 
 
 def test_lr_schedule_warmup_stable_decay():
