@@ -77,6 +77,20 @@ def teacher_trajectory(teacher, noise: torch.Tensor, cond: Cond, uncond: Cond, g
 TRAJECTORY_INDEX = "index.json"
 
 
+def state_columns(bank_sigmas: list[float], sigmas: list[float]) -> list[int] | None:
+    """Columns of a bank's states [B, K_bank + 1, ...] that hold the student's sigmas, then the clean endpoint;
+    None when some student sigma is not in the bank. A bank made for the 4-step list [1000, 750, 500, 250] thus
+    serves the 2-step [1000, 500] and 1-step [1000] students: each state is a point of the same teacher ODE solve
+    (its grid has a knot at every bank sigma), so a sub-list reads a sub-set of the columns."""
+    cols = []
+    for s in sigmas:
+        hits = [k for k, b in enumerate(bank_sigmas) if abs(b - s) <= 1e-6]
+        if not hits:
+            return None
+        cols.append(hits[0])
+    return cols + [len(bank_sigmas)]
+
+
 class TrajectoryBank:
     """The trajectory shards of a folder, read per batch (positional reads: `SafetensorsRows`); in RAM only the
     index."""
@@ -87,9 +101,10 @@ class TrajectoryBank:
             raise FileNotFoundError(f"no trajectory index {root / TRAJECTORY_INDEX}: generate the trajectories "
                                     f"first (task ode writes them when missing)")
         index = json.loads((root / TRAJECTORY_INDEX).read_text())
-        if not np.allclose(index["sigmas"], sigmas):
-            raise ValueError(f"{root} holds states at sigmas {index['sigmas']}, but the student uses {sigmas}: "
-                             f"regenerate (delete {root}) or fix distill.*")
+        self.columns = state_columns(index["sigmas"], sigmas)
+        if self.columns is None:
+            raise ValueError(f"{root} holds states at sigmas {index['sigmas']}, but the student uses {sigmas} (not a "
+                             f"sub-list): regenerate (delete {root}) or fix distill.*")
         if index["prompts"] != prompts_digest:
             raise ValueError(f"{root} was generated from another prompt list (digest {index['prompts']}, now "
                              f"{prompts_digest}): its prompt rows would point at other prompts; regenerate (delete "
@@ -102,12 +117,14 @@ class TrajectoryBank:
         return len(self.where)
 
     def get(self, idx: list[int], key: str) -> torch.Tensor:
-        """Tensor `key` (states [B, K+1, C, F, H, W], y, clip_fea) of trajectories `idx`."""
+        """Tensor `key` (states [B, K+1, C, F, H, W] at the student's sigmas and the clean endpoint, y, clip_fea)
+        of trajectories `idx`."""
         parts = []
         for j in idx:
             f, i = self.where[j]
             parts.append(self.files[f].rows(key, i, i + 1))
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        return out[:, self.columns] if key == "states" else out
 
     def has(self, key: str) -> bool:
         return key in self.files[0].keys()
@@ -121,6 +138,7 @@ class ODETrainer(Trainer):
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
         self.sigmas = cfg.distill.schedule().sigmas()[:-1]
+        self.bank_sigmas = self.existing_bank_sigmas(Path(cfg.ode.trajectories))
         data = build_prompt_batches(cfg, self.task == "i2v", text_encoder, self.vae, image_encoder,
                                     teacher.text_len, cfg.data.seed + 7919, self.device, acc.process_index,
                                     acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
@@ -138,6 +156,17 @@ class ODETrainer(Trainer):
                                 weight_decay=cfg.optim.weight_decay)
         self.gen, self.opt = self.accelerator.prepare(gen, opt)
         self.networks, self.optimizers = {"generator": self.gen}, {"generator": self.opt}
+
+    def existing_bank_sigmas(self, root: Path) -> list[float]:
+        """The sigmas new shards are written at: those of the folder's first shard when it holds the student's
+        sigmas (a bank made for a longer step list is reused and completed as it is), else the student's."""
+        first = root / "shard_00000.safetensors"
+        if first.is_file():
+            with safe_open(str(first), "pt") as f:
+                held = json.loads(f.metadata()["sigmas"])
+            if state_columns(held, self.sigmas.tolist()) is not None:
+                return held
+        return self.sigmas.tolist()
 
     def generate_trajectories(self, teacher, data: PromptBatches, digest: str) -> None:
         """Write this rank's missing shards (shard s on rank s % processes), then (rank 0) the index."""
@@ -160,23 +189,25 @@ class ODETrainer(Trainer):
                     meta = f.metadata()
                     n = f.get_slice("states").get_shape()[0]
                 shards.append({"file": f"shard_{shard:05d}.safetensors", "n": n, "rows": json.loads(meta["rows"])})
-            index = {"sigmas": self.sigmas.tolist(), "prompts": digest, "shards": shards}
+            index = {"sigmas": self.bank_sigmas, "prompts": digest, "shards": shards}
             tmp = root / (TRAJECTORY_INDEX + ".tmp")
             tmp.write_text(json.dumps(index))
             tmp.replace(root / TRAJECTORY_INDEX)
         acc.wait_for_everyone()
 
     def check_shard(self, path: Path, digest: str) -> None:
-        """A finished shard must come from the same prompt list and student sigmas (its rows index the list)."""
+        """A finished shard must come from the same prompt list (its rows index the list) and hold states at the
+        bank's sigmas."""
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         if meta.get("prompts_digest") != digest:
             raise ValueError(f"{path} was generated from another prompt list (digest {meta.get('prompts_digest')}, "
                              f"now {digest}): its prompt rows would point at other prompts; regenerate (delete "
                              f"{path.parent}) or restore data.prompt_path / distill.negative_prompt")
-        if not np.allclose(json.loads(meta["sigmas"]), self.sigmas.tolist()):
-            raise ValueError(f"{path} holds states at sigmas {meta['sigmas']}, but the student uses "
-                             f"{self.sigmas.tolist()}: regenerate (delete {path.parent}) or fix distill.*")
+        held = json.loads(meta["sigmas"])
+        if len(held) != len(self.bank_sigmas) or not np.allclose(held, self.bank_sigmas):
+            raise ValueError(f"{path} holds states at sigmas {held}, but the student uses {self.sigmas.tolist()} "
+                             f"(bank sigmas {self.bank_sigmas}): regenerate (delete {path.parent}) or fix distill.*")
 
     def write_shard(self, teacher, data: PromptBatches, shard: int, path: Path, digest: str) -> None:
         """Trajectories of one shard: prompts and noise keyed by the shard index (the same on any rank)."""
@@ -186,13 +217,13 @@ class ODETrainer(Trainer):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7717 + shard)
         noise = torch.randn((cfg.shard_size, *self.shape), generator=gen)  # on the CPU: same on any device
         states = teacher_trajectory(teacher, noise.to(self.device), cond.to(self.device), uncond.to(self.device),
-                                    cfg.guide_scale, self.sigmas.tolist(), cfg.teacher_steps,
+                                    cfg.guide_scale, self.bank_sigmas, cfg.teacher_steps,
                                     cfg.teacher_sample_shift).cpu()
         tensors = {"states": states}
         if cond.y is not None:
             tensors |= {"y": cond.y, "clip_fea": cond.clip_fea}
         write_safetensors(tensors, path, metadata={"prompts": json.dumps(prompts), "rows": json.dumps(rows),
-                                                   "sigmas": json.dumps(self.sigmas.tolist()),
+                                                   "sigmas": json.dumps(self.bank_sigmas),
                                                    "prompts_digest": digest})
 
     def train_step(self, step: int) -> Metrics:

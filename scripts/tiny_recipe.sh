@@ -164,11 +164,13 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
 # Fewer steps as a config: the shipped T2V recipe (ODE init, then DMD) with only the student's step list changed.
 # The students go to runs/few_steps/<n>step/model (bf16, with schedule.json); they are not tracked (docs/results.md).
 FEW_STEPS=${FEW_STEPS:-"2:[1000,500] 1:[1000]"}
-few_step_student() {  # n, step list
+# The first student's trajectory bank serves the others (their sigmas are a sub-list of its: distill/ode.py).
+few_step_student() {  # n, step list, trajectory bank (default: its own)
   local n=$1 steps=$2 D=runs/few_steps/${1}step
+  local bank=${3:-$D-ode/trajectories}
   mkdir -p runs/few_steps/logs
   [ -f $D-ode/model/config.json ] || $LAUNCH train.py --config configs/train/tiny/t2v_ode.yaml run_dir=$D-ode \
-      ode.trajectories=$D-ode/trajectories "distill.denoising_step_list=$steps" $EXTRA
+      ode.trajectories=$bank "distill.denoising_step_list=$steps" $EXTRA
   $LAUNCH train.py --config configs/train/tiny/t2v_dmd.yaml run_dir=$D-dmd model.generator_init=$D-ode/model \
       "distill.denoising_step_list=$steps" logging.sample_every=0 $EXTRA
   $PY -m distill.export --run $D-dmd --out $D/model --dtype bf16
@@ -182,10 +184,14 @@ few_steps_table() {  # teacher, 4-step shipped student, 2- and 1-step students: 
   $PY -m benchmarks.speed --repeats 5 --out $R/t2v_few_steps_speed "${args[@]}"
 }
 
-few_steps() {  # one student after another (CPU); on a GPU machine run `few_step_student` calls side by side
+few_steps() {  # one student after another (the first one's bank serves the next)
   mkdir -p runs/few_steps/logs
-  for spec in $FEW_STEPS; do few_step_student "${spec%%:*}" "${spec#*:}" > runs/few_steps/logs/${spec%%:*}step.log 2>&1 \
-      || { echo "${spec%%:*}-step student failed: runs/few_steps/logs/${spec%%:*}step.log" >&2; return 1; }; done
+  local bank=""
+  for spec in $FEW_STEPS; do
+    few_step_student "${spec%%:*}" "${spec#*:}" $bank > runs/few_steps/logs/${spec%%:*}step.log 2>&1 \
+      || { echo "${spec%%:*}-step student failed: runs/few_steps/logs/${spec%%:*}step.log" >&2; return 1; }
+    bank=${bank:-runs/few_steps/${spec%%:*}step-ode/trajectories}
+  done
   few_steps_table
 }
 

@@ -95,3 +95,35 @@ def test_i2v_ode_from_image_files_with_a_prompt_column_and_the_store(tmp_path, t
                                        "data.source=prompts", f"data.prompt_path={pairs}",
                                        "data.prompt_column=caption", f"ode.trajectories={tmp_path}/traj",
                                        "ode.num_trajectories=4", *SMALL]))
+
+
+def test_state_columns_pick_a_sub_list_of_the_bank_sigmas():
+    from distill.ode import state_columns
+
+    bank = [1.0, 0.9375, 0.8333, 0.625]  # the 4-step list at shift 5
+    assert state_columns(bank, [1.0, 0.8333]) == [0, 2, 4]  # 2-step [1000, 500] + the clean endpoint (column 4)
+    assert state_columns(bank, [1.0]) == [0, 4]
+    assert state_columns(bank, bank) == [0, 1, 2, 3, 4]
+    assert state_columns(bank, [1.0, 0.7]) is None  # 0.7 was never stored
+
+
+def test_a_bank_made_for_more_steps_serves_a_sub_list(tmp_path, tiny_t2v_dir, one_thread):
+    """The 1-step student reads the 2-step student's bank (no new teacher solves): the columns of its sigma and of
+    the endpoint; a student sigma the bank lacks is an error naming both lists."""
+    from distill.ode import TrajectoryBank
+
+    root = tmp_path / "traj"
+    base = [str(REPO / "configs/train/tiny/t2v_ode.yaml"), f"model.path={tiny_t2v_dir}", f"ode.trajectories={root}",
+            "ode.num_trajectories=2", *SMALL]
+    two = trainer_for(load_train_config(base[0], [*base[1:], f"run_dir={tmp_path}/r2",
+                                                 "distill.denoising_step_list=[1000,500]"]))
+    stored = read_shards(root)["shard_00000.safetensors"]["states"]
+    assert stored.shape[1] == 3
+    one = trainer_for(load_train_config(base[0], [*base[1:], f"run_dir={tmp_path}/r1",
+                                                 "distill.denoising_step_list=[1000]"]))
+    assert sorted(p.name for p in root.glob("shard_*")) == ["shard_00000.safetensors"]  # nothing regenerated
+    assert one.bank.columns == [0, 2]
+    torch.testing.assert_close(one.bank.get([0, 1], "states"), stored[:, [0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(two.bank.get([0, 1], "states"), stored, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"student uses \[1\.0, 0\.9375.*not a sub-list"):
+        TrajectoryBank(root, [1.0, 0.9375], json.loads((root / "index.json").read_text())["prompts"])
