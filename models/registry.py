@@ -1,4 +1,4 @@
-"""Named model sizes: the real Wan2.1 checkpoints and tiny CPU flavours of the same architecture.
+"""Named model sizes: the real Wan2.1 / Wan2.2 checkpoints and tiny CPU flavours of the same architecture.
 
 A `ModelSpec` holds the configs of the four components. The DiT config uses the field names of the official
 `config.json`; the other components take their constructor keyword arguments. Real sizes are exercised on the
@@ -17,6 +17,7 @@ _UMT5_XXL = dict(vocab_size=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_
 _CLIP_VIT_H14 = dict(image_size=224, patch_size=14, dim=1280, mlp_ratio=4, out_dim=1024, num_heads=16,
                      num_layers=32)
 _WAN_VAE = dict(dim=96, z_dim=16)
+_WAN22_VAE = dict(dim=160, dec_dim=256, z_dim=48)  # the Wan2.2 VAE: 16x16 spatial, 4x temporal (docs/wan22.md)
 
 # Official file names inside a Wan model folder (docs/lightx2v_formats.md, "Model folders").
 WAN_FILES = {
@@ -49,6 +50,7 @@ class ModelSpec:
     tokenizer: dict[str, Any]
     image_encoder: dict[str, Any] | None = None
     sample: dict[str, Any] = field(default_factory=dict)  # default frames/size for this size
+    experts: dict[str, Any] | None = None  # Wan2.2 A14B: {"boundary": fraction of 1000}; None: one DiT
 
     @property
     def task(self) -> str:
@@ -78,6 +80,29 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vae=dict(type="wan_vae", **_WAN_VAE), text_encoder=dict(type="umt5", **_UMT5_XXL),
         tokenizer=dict(type="hf"), image_encoder=dict(type="clip", **_CLIP_VIT_H14),
         sample=dict(frames=81, height=720, width=1280)),
+    # Wan2.2 (docs/wan22.md). A14B: two experts with the Wan2.1-14B DiT, `high_noise_model/` for t >= boundary
+    # * 1000 and `low_noise_model/` below; `dit` is one expert's config, `experts` the boundary. The I2V experts
+    # take y (mask + first-frame latent, in_dim 36) but no CLIP tower (clip_dim None: no img_emb, no image
+    # cross-attention). TI2V-5B: one dense DiT over the Wan2.2 VAE's 48-channel latent (16x spatial).
+    "wan2.2-t2v-a14b": ModelSpec(
+        "wan2.2-t2v-a14b",
+        dit=dict(model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, **_WAN_COMMON),
+        vae=dict(type="wan_vae", **_WAN_VAE), text_encoder=dict(type="umt5", **_UMT5_XXL),
+        tokenizer=dict(type="hf"), sample=dict(frames=81, height=720, width=1280),
+        experts=dict(boundary=0.875)),
+    "wan2.2-i2v-a14b": ModelSpec(
+        "wan2.2-i2v-a14b",
+        dit=dict(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, clip_dim=None,
+                 **_WAN_COMMON),
+        vae=dict(type="wan_vae", **_WAN_VAE), text_encoder=dict(type="umt5", **_UMT5_XXL),
+        tokenizer=dict(type="hf"), sample=dict(frames=81, height=720, width=1280),
+        experts=dict(boundary=0.900)),
+    "wan2.2-ti2v-5b": ModelSpec(
+        "wan2.2-ti2v-5b",
+        dit=dict(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, freq_dim=256,
+                 text_len=512, out_dim=48, eps=1e-6),
+        vae=dict(type="wan22_vae", **_WAN22_VAE), text_encoder=dict(type="umt5", **_UMT5_XXL),
+        tokenizer=dict(type="hf"), sample=dict(frames=121, height=704, width=1280)),
     "tiny-t2v": ModelSpec(
         "tiny-t2v",
         dit=dict(model_type="t2v", in_dim=TINY_Z, **_TINY_DIT),
