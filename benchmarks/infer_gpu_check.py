@@ -160,8 +160,11 @@ def make_pipeline(geo: dict, dit: nn.Module, device: torch.device, dtype: torch.
 
 def check_end_to_end(geo: dict, dit: nn.Module, device: torch.device, dtype: torch.dtype,
                      teacher_steps: int) -> dict:
+    from inference.schedule import DEFAULT_SHIFT, DEFAULT_STEPS
+
     pipe = make_pipeline(geo, dit, device, dtype)
-    runs = {"student_4step": dict(denoising_step_list=[1000, 750, 500, 250], enable_cfg=False, sample_shift=5.0),
+    student = dict(denoising_step_list=list(DEFAULT_STEPS), enable_cfg=False, sample_shift=DEFAULT_SHIFT)
+    runs = {"student_4step": student,
             "teacher_cfg": dict(infer_steps=teacher_steps, enable_cfg=True, sample_guide_scale=6.0)}
     out = {}
     for name, overrides in runs.items():
