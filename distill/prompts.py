@@ -37,29 +37,6 @@ def load_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     return prompts
 
 
-def load_prompt_images(path: str | Path, column: str = "prompt", image_column: str = "image") -> tuple[list, list]:
-    """(prompts, image paths) of a json/jsonl/csv/parquet/arrow file or datasets folder with both columns;
-    relative image paths resolve against the file's folder."""
-    import datasets
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt/image source not found: {path}")
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-    elif path.suffix in DATASET_SUFFIXES:
-        ds = datasets.load_dataset(DATASET_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    else:
-        raise ValueError(f"{path}: I2V pairs need a json/jsonl/csv/parquet/arrow file or a datasets folder")
-    prompts, images = _column(ds, column, path), _column(ds, image_column, path)
-    root = path if path.is_dir() else path.parent
-    images = [str(p if Path(p).is_absolute() else root / p) for p in images]
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) of {path} not found, e.g. {missing[:3]}")
-    return prompts, images
-
-
 def _column(ds, column: str, path: Path) -> list[str]:
     if column not in ds.column_names:
         raise ValueError(f"{path}: no column {column!r}; columns are {ds.column_names}")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distill.config import load_train_config
-from distill.prompts import load_prompt_images, load_prompts
+from distill.data import load_pairs
+from distill.prompts import load_prompts
 from train import trainer_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +64,11 @@ def write_pairs(root: Path) -> Path:
 
 
 def test_prompt_image_pairs_resolve_relative_paths(tmp_path):
-    prompts, images = load_prompt_images(write_pairs(tmp_path))
-    assert prompts == PROMPTS and all(Path(p).is_file() and Path(p).is_absolute() for p in images)
+    pairs = load_pairs(write_pairs(tmp_path))  # image paths relative to the file's folder
+    assert pairs.prompts == PROMPTS and pairs.image(1).shape == (48, 56, 3)
     (tmp_path / "img1.png").unlink()
     with pytest.raises(FileNotFoundError, match="img1.png"):
-        load_prompt_images(tmp_path / "pairs.jsonl")
+        load_pairs(tmp_path / "pairs.jsonl")
 
 
 def test_dmd_reads_a_prompt_file(tmp_path, tiny_t2v_dir, one_thread):
