@@ -19,7 +19,8 @@ not a JSON object, a duplicate save_result_path (409), a cancel during a long ru
 second client's small request finishing in its normal time while another client abuses the server or a long task
 is cancelled. Use a teacher config for a long run that can be cancelled (a distill config's runs are short):
 
-    python -m benchmarks.load_server --config configs/infer/tiny/t2v_teacher.json --abuse --out benchmarks/results/load_abuse
+    python -m benchmarks.load_server --config configs/infer/tiny/t2v_teacher.json --abuse \
+        --out benchmarks/results/load_abuse
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Wall-clock speed of teacher vs few-step configs, measured side by side in one process.
 
-    python -m benchmarks.speed --config configs/infer/tiny/t2v_teacher.json --config configs/infer/tiny/t2v_distill_4step.json \
-        [--repeats 5] [--batch 1] [--out benchmarks/results/speed_t2v]
+    python -m benchmarks.speed --config configs/infer/tiny/t2v_teacher.json \
+        --config configs/infer/tiny/t2v_distill_4step.json [--repeats 5] [--batch 1] \
+        [--out benchmarks/results/speed_t2v]
 
 Each config is loaded once, warmed up once, then timed over `--repeats` generations of the same prompt and seed
 (end to end: text encoding, sampling, decoding). Ratios are relative to the first config.

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from distill.adapters import lightx2v_lora, merged, with_lora
-from distill.checkpoint import latest_checkpoint
+from distill.checkpoint import resume_candidate, verify_checkpoint
 from distill.config import DistillConfig
 from inference.schedule import StudentSchedule, write_schedule
 from models.components import build_dit, copy_components, load_dit
@@ -94,14 +94,28 @@ def run_info(run: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(cfg_path))
 
 
+def run_checkpoint(run: Path, checkpoint: Path | None) -> Path:
+    """The checkpoint to export: the one given (verified against its manifest), else the newest intact one of
+    the run (the same choice as a resume: a torn newer checkpoint is skipped, saying why)."""
+    if checkpoint is not None:
+        reason = verify_checkpoint(checkpoint)
+        if reason is not None:
+            raise ValueError(f"checkpoint {checkpoint} is not intact: {reason}")
+        return checkpoint
+    ckpt, skipped = resume_candidate(run / "checkpoints")
+    for path, reason in skipped:
+        print(f"export: skipping {path}: {reason}")
+    if ckpt is None:
+        raise FileNotFoundError(f"no intact checkpoint under {run / 'checkpoints'}")
+    return ckpt
+
+
 def load_run_network(run: Path, checkpoint: Path | None, weights: str) -> tuple[torch.nn.Module, dict]:
     """The trained DiT of a run (EMA or raw weights) and the run's config."""
     from safetensors.torch import load_file
 
     info = run_info(run)
-    ckpt = checkpoint or latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
+    ckpt = run_checkpoint(run, checkpoint)
     name = "ema" if weights == "ema" else NETWORK[info["task"]]
     state = load_file(str(ckpt / f"{name}.safetensors"))
     if info.get("lora", {}).get("enabled"):  # LoRA-mode DMD: adapters only; merge them into the teacher
@@ -135,7 +149,7 @@ def lora_adapter_file(run: Path, checkpoint: Path | None, weights: str, info: di
     """LightX2V tensors of a LoRA-mode run's generator adapter (EMA or raw)."""
     from safetensors.torch import load_file
 
-    ckpt = checkpoint or latest_checkpoint(run / "checkpoints")
+    ckpt = run_checkpoint(run, checkpoint)
     state = load_file(str(ckpt / f"{'ema' if weights == 'ema' else 'generator'}.safetensors"))
     return lightx2v_lora(lora_run_generator(info, state))
 

@@ -1,5 +1,6 @@
 """Checks of a training run's inputs that need no model: the run directory, the DiT weight files it will read,
-the sample images, the shapes world's settings. `train.py` runs them before anything is built, and the trainer again at build time."""
+the sample images, the shapes world's settings. `train.py` runs them before anything is built, and the trainer
+again at build time."""
 
 from __future__ import annotations
 

@@ -190,7 +190,8 @@ def test_shipped_configs_exist():
 def test_shipped_teacher_and_distill_values():
     """The baselines of docs/lightx2v_formats.md: T2V 50 steps / guide 6 / shift 8; I2V 40 / 5 / 3; distill 4 steps,
     no CFG."""
-    t2v, i2v = load_config(REPO / "configs/infer/wan/wan_t2v.json"), load_config(REPO / "configs/infer/wan/wan_i2v.json")
+    t2v = load_config(REPO / "configs/infer/wan/wan_t2v.json")
+    i2v = load_config(REPO / "configs/infer/wan/wan_i2v.json")
     assert (t2v.infer_steps, t2v.sample_guide_scale, t2v.sample_shift, t2v.enable_cfg) == (50, 6, 8, True)
     assert (i2v.infer_steps, i2v.sample_guide_scale, i2v.sample_shift, i2v.task) == (40, 5, 3, "i2v")
     for name in ("wan_t2v_distill_4step_cfg.json", "wan_i2v_distill_4step_cfg.json"):

@@ -24,6 +24,7 @@ from inference.tasks import FAILED
 from tests.test_server import FRAMES, PROMPT, Served, serve, submit, wait
 
 KEY = "s3cret-key"
+STUDENT = "configs/infer/tiny/t2v_distill_4step.json"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def t2v(tmp_path_factory):
 def strict(tmp_path_factory):
     """Small limits and an API key."""
     tmp = tmp_path_factory.mktemp("strict")
-    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp / "out", target_video_length=FRAMES,
+    manager = build_manager(STUDENT, output_dir=tmp / "out", target_video_length=FRAMES,
                             limits={"max_body_bytes": 4096, "max_prompt_chars": 64, "max_frames": 9,
                                     "max_pixels": 48 * 48})
     with BackgroundServer(create_app(manager, api_key=KEY)) as server:
@@ -227,7 +228,7 @@ def test_cancel_stops_inside_the_wan_vae_decode(tmp_path):
     causal-conv layers: a cancel after the last denoising step stops it within one layer, and nothing is written."""
     from models.vae import WanVAE
 
-    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
+    manager = build_manager(STUDENT, output_dir=tmp_path, target_video_length=FRAMES)
     manager.pipe.vae = WanVAE(dim=8, z_dim=manager.pipe.vae.z_dim).eval()
     n = sum(1 for _ in manager.pipe.vae.decoder.modules())
     with BackgroundServer(create_app(manager)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -252,7 +253,7 @@ def test_cancel_stops_inside_the_wan_vae_decode(tmp_path):
 
 
 def test_shutdown_inside_a_long_stage_takes_seconds(tmp_path):
-    manager = build_manager("configs/infer/tiny/t2v_distill_4step.json", output_dir=tmp_path, target_video_length=FRAMES)
+    manager = build_manager(STUDENT, output_dir=tmp_path, target_video_length=FRAMES)
     server = BackgroundServer(create_app(manager)).start()
     hooks = slow_layers(manager.pipe.dit, 0.2)  # a DiT forward of ~minutes
     try:
@@ -352,7 +353,7 @@ def test_small_request_completes_while_an_abusive_one_is_refused(t2v):
 def test_abuse_benchmark_holds_every_case(tmp_path, capsys):
     from benchmarks.load_server import main
 
-    summary = main(["--config", "configs/infer/tiny/t2v_distill_4step.json", "--abuse", "--out", str(tmp_path / "abuse")])
+    summary = main(["--config", STUDENT, "--abuse", "--out", str(tmp_path / "abuse")])
     failed = [c for c in summary["cases"] if c["held"] is False]
     assert summary["held"] == summary["total"] >= 13 and not failed, failed
     # a distill run may end before the DELETE: only that case may go unmeasured, and then it says so
@@ -370,7 +371,8 @@ def test_sigterm_during_a_long_run_exits_in_seconds(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", "configs/infer/tiny/t2v_teacher.json",
+    teacher = "configs/infer/tiny/t2v_teacher.json"
+    proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", teacher,
                              "--port", "0", "--output_dir", str(tmp_path), "--max_steps", "1000",
                              "--log_level", "info"], stderr=subprocess.PIPE, text=True)
     try:

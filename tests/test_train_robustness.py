@@ -116,6 +116,20 @@ def test_verify_checkpoint_names_the_damaged_file(tmp_path, damage, reason):
         assert got is not None and __import__("re").search(reason, got), got
 
 
+def test_export_takes_the_newest_intact_checkpoint_like_a_resume(tmp_path, capsys):
+    from distill.export import run_checkpoint
+
+    run = tmp_path / "run"
+    first = _write(run / "checkpoints", 1)
+    newest = _write(run / "checkpoints", 2)
+    gen = newest / "generator.safetensors"
+    gen.write_bytes(gen.read_bytes()[:40])  # torn by a kill
+    assert run_checkpoint(run, None) == first
+    assert "skipping" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"not intact: .*generator\.safetensors has \d+ bytes"):
+        run_checkpoint(run, newest)
+
+
 def test_legacy_checkpoint_without_manifest_is_checked_by_opening_its_files(tmp_path):
     path = _write(tmp_path, 1)
     (path / MANIFEST).unlink()
@@ -280,7 +294,8 @@ def test_truncated_teacher_or_generator_weights_name_the_file(tmp_path, capsys, 
     shutil.copytree(tiny_t2v_dir, teacher)
     weights = teacher / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    _fails(capsys, ["--config", "configs/train/tiny/t2v_dmd.yaml", f"model.path={teacher}", f"run_dir={tmp_path / 'r'}"],
+    dmd = "configs/train/tiny/t2v_dmd.yaml"
+    _fails(capsys, ["--config", dmd, f"model.path={teacher}", f"run_dir={tmp_path / 'r'}"],
            f"{weights} (model.path) is not a complete safetensors file")
     init = tmp_path / "init"
     (init / "distill_models").mkdir(parents=True)
@@ -314,7 +329,8 @@ def test_exploding_updates_with_finite_loss_are_undone_and_stop_the_run(tmp_path
 
 def test_train_py_reports_the_guard_stop_without_a_traceback(tmp_path, capsys, one_thread):
     run = tmp_path / "run"
-    argv = ["--config", "configs/train/tiny/t2v_teacher.yaml", f"run_dir={run}", "max_steps=50", "optim.lr=1e30", *SMALL]
+    argv = ["--config", "configs/train/tiny/t2v_teacher.yaml", f"run_dir={run}", "max_steps=50", "optim.lr=1e30",
+            *SMALL]
     assert train_main(argv) == 1
     err = capsys.readouterr().err
     assert "error: 5 model updates in a row had a non-finite gradient norm" in err and "Traceback" not in err
