@@ -33,6 +33,9 @@ class ModelConfig:
     components_path: str | None = None  # folder providing VAE/codec, text and image encoders (default: path)
     generator_init: str | None = None  # dmd: initial generator weights (an ODE-init folder); default: the teacher
     gradient_checkpointing: bool = False
+    # two-expert (Wan2.2 A14B) folders, distill/moe.py: the expert boundary as a fraction of 1000 (high-noise expert
+    # for t >= boundary * 1000); None: the folder's experts.json, else model.spec's registry boundary
+    boundary: float | None = None
 
 
 @dataclass
@@ -77,6 +80,9 @@ class OptimConfig:
 @dataclass
 class PretrainConfig:
     timestep_shift: float = 3.0  # u ~ U(0,1), s = shift*u / (1 + (shift-1) u): more steps at high noise
+    # [t_lo, t_hi] (0-1000): draw training timesteps only inside (the shifted density restricted to the range), to
+    # fine-tune one expert of a two-expert teacher (distill/moe.py); None: every timestep
+    t_range: list[float] | None = None
     ema_decay: float = 0.999
     ema_start: int = 0
 
@@ -114,6 +120,12 @@ class DMDConfig:
     ema_decay: float = 0.99
     ema_start: int = 200
     real_score_dtype: str = "fp32"  # fp32 | bf16 (frozen teacher; no optimizer state)
+    # two-expert teacher (model.path with high_noise_model/ + low_noise_model/, distill/moe.py): per_expert = one
+    # network per expert (each a copy of its teacher expert), shared = one network, initialised from the expert
+    # `dmd.shared_init`. The generator's experts own the student steps on their side of the boundary.
+    generator: str = "per_expert"
+    critic: str = "per_expert"
+    shared_init: str = "low_noise_model"
 
 
 @dataclass
@@ -241,6 +253,15 @@ class TrainConfig:
                              "world's in-memory cache: unset data.text_store")
         if self.pretrain.timestep_shift <= 0:
             raise ValueError("pretrain.timestep_shift must be > 0")
+        tr = self.pretrain.t_range
+        if tr is not None and (len(tr) != 2 or not 0 <= tr[0] < tr[1] <= 1000):
+            raise ValueError(f"pretrain.t_range must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1000, got {list(tr)}")
+        if self.model.boundary is not None and not 0 < self.model.boundary < 1:
+            raise ValueError(f"model.boundary is a fraction of 1000 in (0, 1) (Wan2.2 T2V-A14B 0.875, I2V-A14B "
+                             f"0.900), got {self.model.boundary}")
+        _choice("dmd.generator", self.dmd.generator, ("per_expert", "shared"))
+        _choice("dmd.critic", self.dmd.critic, ("per_expert", "shared"))
+        _choice("dmd.shared_init", self.dmd.shared_init, ("high_noise_model", "low_noise_model"))
         if self.task in ("ode", "dmd") and self.model.path is None:
             raise ValueError(f"task {self.task} needs model.path: the teacher's Wan-style folder")
         try:
