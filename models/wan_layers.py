@@ -1,4 +1,4 @@
-"""The layers of the Wan2.1 DiT (models/wan_model.py): timestep sinusoid, 3D RoPE, fp32 norms, self- and
+"""The layers of the Wan2.1 / Wan2.2 DiT (models/wan_model.py): timestep sinusoid, 3D RoPE, fp32 norms, self- and
 cross-attention, the attention block, the output head and the CLIP image projection; key names as the official
 checkpoints (docs/wan_architecture.md, "DiT"). Norms, modulation and the head run in fp32 with autocast off;
 linears run in the compute dtype of their input.
@@ -176,10 +176,14 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, img_len: int, rope: Rope) -> Tensor:
-        """x: [B, L, D] fp32 residual stream; e0: [B, 6, D] fp32; context: [B, Lc, D] in the compute dtype."""
+        """x: [B, L, D] fp32 residual stream; context: [B, Lc, D] in the compute dtype;
+        e0: [B, 6, D] fp32 (one timestep per sample) or [B, L, 6, D] (one per token, Wan2.2 TI2V)."""
         dtype = context.dtype
         with no_autocast(x.device):
-            m = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, D]
+            if e0.ndim == 4:  # per token: table [1, 6, D] + [B, L, 6, D] -> 6 x [B, L, D]
+                m = (self.modulation.float() + e0).unbind(2)
+            else:
+                m = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, D]
             shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = m
             h = (self.norm1(x) * (1 + scale_sa) + shift_sa).to(dtype)
         x = x + gate_sa * self.self_attn(h, rope).float()
@@ -199,9 +203,12 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """x: [B, L, D] fp32, e: [B, D] fp32 -> [B, L, out_dim * prod(patch)] fp32."""
+        """x: [B, L, D] fp32, e: [B, D] or per token [B, L, D] fp32 -> [B, L, out_dim * prod(patch)] fp32."""
         with no_autocast(x.device):
-            shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, D] each
+            if e.ndim == 3:  # per token: [1, 2, D] + [B, L, 1, D] -> 2 x [B, L, D]
+                shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
+            else:
+                shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, D] each
             h = self.norm(x) * (1 + scale) + shift
             return F.linear(h, self.head.weight.float(), self.head.bias.float())
 

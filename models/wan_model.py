@@ -1,7 +1,8 @@
-"""The Wan2.1 diffusion transformer (DiT), key-compatible with the official checkpoints.
+"""The Wan2.1 / Wan2.2 diffusion transformer (DiT), key-compatible with the official checkpoints.
 
-Architecture and key names: docs/wan_architecture.md ("DiT"). One forward, for a batch of B videos on the
-same latent grid (F, H, W), patch (pt, ph, pw), D = dim, L = (F/pt)(H/ph)(W/pw) tokens:
+Architecture and key names: docs/wan_architecture.md ("DiT"); the Wan2.2 variants: docs/wan22_dit.md. One
+forward, for a batch of B videos on the same latent grid (F, H, W), patch (pt, ph, pw), D = dim,
+L = (F/pt)(H/ph)(W/pw) tokens:
 
     tokens  = patch_embedding([x; y])                        [B, L, D]   (y: I2V mask + image latent)
     e       = time_embedding(sinusoid(t))                    [B, D]      fp32
@@ -13,6 +14,11 @@ same latent grid (F, H, W), patch (pt, ph, pw), D = dim, L = (F/pt)(H/ph)(W/pw) 
         x += gate_ff * FFN(norm2(x) (1 + scale_ff) + shift_ff)
     v       = unpatchify(head(norm(x) (1 + scale) + shift)), (shift, scale) = head.modulation + e
 
+Wan2.2 variants: the I2V-A14B experts take y but have no CLIP branch (`clip_dim=None`: no img_emb, no k_img /
+v_img / norm_k_img, context = text only); TI2V-5B (`model_type='ti2v'`, in_dim = out_dim = 48, no y) may take
+one timestep per token, t [B, L], giving e [B, L, D] and e0 [B, L, 6, D]: every modulation (blocks and head)
+is then per token.
+
 Precision follows Wan: the residual stream, the time embedding, the modulation, the norms and the head run in
 fp32 (with autocast switched off); the linears of attention / FFN / text / image embedding run in the dtype of
 `patch_embedding.weight` (the "compute dtype", e.g. bf16). The network knows nothing about diffusion.
@@ -20,7 +26,7 @@ fp32 (with autocast switched off); the linears of attention / FFN / text / image
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,15 +50,18 @@ REQUIRED = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "o
             "num_layers")
 OPTIONAL = ("patch_size", "text_dim", "qk_norm", "cross_attn_norm", "eps", "clip_dim")
 IGNORED = ("_class_name", "_diffusers_version", "__name__")
-MODEL_TYPES = ("t2v", "i2v", "flf2v")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
+Y_TYPES = ("i2v", "flf2v")  # model types that take y (mask + image latent) concatenated to x
 _ROPE_CACHE_SIZE = 8
 
 
 # ---- the model -----------------------------------------------------------------------------------
 class WanModel(nn.Module):
-    """Wan2.1 DiT for T2V (`model_type='t2v'`), I2V ('i2v') and first-last-frame I2V ('flf2v').
+    """Wan DiT: Wan2.1 T2V (`model_type='t2v'`), I2V ('i2v'), first-last-frame I2V ('flf2v'); Wan2.2 A14B
+    experts (T2V: 't2v'; I2V: 'i2v' with `clip_dim=None`) and TI2V-5B ('ti2v', per-token timesteps).
 
     state_dict keys and shapes equal the official checkpoint's (no prefix, RoPE tables are not stored).
+    `clip_dim=None` (i2v only) builds no CLIP image branch; `clip_dim_of(state)` tells from the weights.
     Set `gradient_checkpointing = True` to recompute each block in backward (torch.utils.checkpoint).
     """
 
@@ -63,9 +72,9 @@ class WanModel(nn.Module):
     def __init__(self, *, model_type: str, text_len: int, in_dim: int, dim: int, ffn_dim: int, freq_dim: int,
                  out_dim: int, num_heads: int, num_layers: int, patch_size: Sequence[int] = (1, 2, 2),
                  text_dim: int = 4096, qk_norm: bool = True, cross_attn_norm: bool = True, eps: float = 1e-6,
-                 clip_dim: int = 1280) -> None:
+                 clip_dim: int | None = 1280) -> None:
         super().__init__()
-        _check_args(model_type, dim, num_heads, patch_size, freq_dim)
+        _check_args(model_type, dim, num_heads, patch_size, freq_dim, clip_dim)
         self.model_type, self.patch_size = model_type, tuple(int(p) for p in patch_size)
         self.text_len, self.in_dim, self.dim, self.ffn_dim = text_len, in_dim, dim, ffn_dim
         self.freq_dim, self.text_dim, self.out_dim = freq_dim, text_dim, out_dim
@@ -74,7 +83,11 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         self._rope_cache: dict[tuple, Rope] = {}
 
-        image = model_type != "t2v"
+        # The CLIP image branch (img_emb + image cross-attention): Wan2.1 I2V / FLF2V; not the Wan2.2 I2V experts.
+        image = model_type in Y_TYPES and clip_dim is not None
+        if model_type == "ti2v" and in_dim != out_dim:
+            raise ValueError(f"a ti2v model takes the latent alone (in_dim == out_dim), got in_dim={in_dim}, "
+                             f"out_dim={out_dim}")
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(dim, dim))
@@ -150,8 +163,12 @@ class WanModel(nn.Module):
         return self._rope_cache[key]
 
     def embed_time(self, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        """t: [B] (or a scalar) in [0, 1000] -> e [B, D], e0 [B, 6, D], all fp32."""
-        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        """t: [B] (or a scalar) in [0, 1000] -> e [B, D], e0 [B, 6, D]; per token (ti2v) t [B, L] ->
+        e [B, L, D], e0 [B, L, 6, D]; all fp32."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 2:
+            return self._embed_time_per_token(t, batch)
+        t = t.reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         if t.shape != (batch,):
@@ -160,6 +177,20 @@ class WanModel(nn.Module):
             e = fp32_mlp(self.time_embedding, sinusoidal_embedding(self.freq_dim, t))
             e0 = fp32_mlp(self.time_projection, e).unflatten(1, (6, self.dim))
         return e, e0
+
+    def _embed_time_per_token(self, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """t [B, L] -> e [B, L, D], e0 [B, L, 6, D] fp32. The MLPs run once per distinct value (a TI2V step has
+        two: 0 and t) and the rows are gathered per token: the same numbers as embedding every token."""
+        if self.model_type != "ti2v":
+            raise ValueError(f"per-token timesteps t [B, L] are a ti2v feature; a {self.model_type} model takes "
+                             f"t [B], got {tuple(t.shape)}")
+        if t.shape[0] != batch:
+            raise ValueError(f"t must be [{batch}] or [{batch}, L] (L tokens), got {tuple(t.shape)}")
+        values, index = torch.unique(t, return_inverse=True)  # [U], [B, L]
+        with no_autocast(t.device):
+            e = fp32_mlp(self.time_embedding, sinusoidal_embedding(self.freq_dim, values))  # [U, D]
+            e0 = fp32_mlp(self.time_projection, e).unflatten(1, (6, self.dim))  # [U, 6, D]
+        return e[index], e0[index]
 
     def pad_context(self, context: Tensor | Sequence[Tensor], batch: int) -> Tensor:
         """Context [B, L, text_dim] or a list of [L_i, text_dim] -> [B, text_len, text_dim], zero-padded."""
@@ -181,7 +212,8 @@ class WanModel(nn.Module):
         ctx = self.text_embedding(self.pad_context(context, batch).to(dtype))
         if not hasattr(self, "img_emb"):
             if clip_fea is not None:
-                raise ValueError("clip_fea was given to a t2v model")
+                raise ValueError(f"clip_fea was given to a {self.model_type} model without a CLIP image branch "
+                                 f"(clip_dim={self.clip_dim}): pass clip_fea=None")
             return ctx, 0
         if clip_fea is None:
             raise ValueError(f"a {self.model_type} model needs clip_fea [B, 257, {self.clip_dim}]")
@@ -192,10 +224,11 @@ class WanModel(nn.Module):
     def patchify(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, tuple[int, int, int]]:
         """x [B, C, F, H, W] (+ y [B, in_dim - C, F, H, W]) -> tokens [B, L, D] fp32, token grid (f, h, w)."""
         if y is not None:
-            if self.model_type == "t2v":
-                raise ValueError("y (image condition) was given to a t2v model")
+            if self.model_type not in Y_TYPES:
+                raise ValueError(f"y (image condition) was given to a {self.model_type} model; only "
+                                 f"{Y_TYPES} take y (ti2v: the image latent goes into x, inference/ti2v.py)")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
-        elif self.model_type != "t2v":
+        elif self.model_type in Y_TYPES:
             raise ValueError(f"a {self.model_type} model needs y (mask + image latent)")
         if x.ndim != 5 or x.shape[1] != self.in_dim:
             raise ValueError(f"x (+ y) must be [B, {self.in_dim}, F, H, W], got {tuple(x.shape)}")
@@ -225,19 +258,28 @@ class WanModel(nn.Module):
                 clip_fea: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """Velocity prediction.
 
-        x: [B, out_dim, F, H, W] noisy latent; t: [B] float in [0, 1000];
+        x: [B, out_dim, F, H, W] noisy latent; t: [B] float in [0, 1000] (ti2v also [B, L], one per token,
+        tokens ordered f, h, w as after the patch embedding: inference/ti2v.py `token_timesteps`);
         context: [B, L, text_dim] (L <= text_len, zero-padded here) or a list of [L_i, text_dim];
-        I2V: clip_fea [B, 257, clip_dim] (FLF2V [B, 514, clip_dim] or [2B, 257, clip_dim])
-        and y [B, in_dim - out_dim, F, H, W] (mask + image latent).
+        I2V: clip_fea [B, 257, clip_dim] (FLF2V [B, 514, clip_dim] or [2B, 257, clip_dim]; None without a CLIP
+        branch, clip_dim=None) and y [B, in_dim - out_dim, F, H, W] (mask + image latent).
         Returns v [B, out_dim, F, H, W] fp32.
         """
         batch = x.shape[0]
         tokens, grid = self.patchify(x, y)  # [B, L, D] fp32
-        e, e0 = self.embed_time(t, batch)  # [B, D], [B, 6, D]
+        t = torch.as_tensor(t, device=self.device)
+        per_token = t.ndim == 2  # ti2v: t [B, L]
+        if per_token and t.shape[1] != tokens.shape[1]:
+            raise ValueError(f"per-token t must be [B, L] with L = {tokens.shape[1]} tokens (grid {grid}), "
+                             f"got {tuple(t.shape)}")
         ctx, img_len = self.embed_context(context, clip_fea, batch)  # [B, img_len + text_len, D]
         rope = self.rope(grid, tokens.device)
         if self.seq_parallel is not None:  # this rank's token shard and its RoPE rows (inference/parallel.py)
+            full_rope = rope
             tokens, rope = self.seq_parallel.shard(tokens, rope)
+            if per_token:  # the timesteps travel with their tokens (same pad / slice; pad tokens get t = 0)
+                t = self.seq_parallel.shard(t.unsqueeze(-1), full_rope)[0].squeeze(-1)
+        e, e0 = self.embed_time(t, batch)  # [B, D], [B, 6, D]; per token [B, S, D], [B, S, 6, D]
         out = self.head(self.run_blocks(tokens, e0, ctx, img_len, rope), e)  # [B, L (or shard), patch * C]
         if self.seq_parallel is not None:
             out = self.seq_parallel.gather(out)
@@ -260,9 +302,25 @@ class WanModel(nn.Module):
         return (f"blocks.{i}" for i in range(len(self.blocks)))
 
 
-def _check_args(model_type: str, dim: int, num_heads: int, patch_size: Sequence[int], freq_dim: int) -> None:
+def clip_dim_of(state: Mapping[str, Any]) -> int | None:
+    """The CLIP width of an I2V DiT from its weights (official keys): `img_emb.proj.0.weight` [clip_dim] for a
+    Wan2.1 I2V / FLF2V DiT, None for one without the image branch (the Wan2.2 I2V-A14B experts, whose
+    config.json says model_type "i2v" like Wan2.1's). Values may be tensors or shapes."""
+    weight = state.get("img_emb.proj.0.weight")
+    if weight is None:
+        if any("k_img" in k or k.startswith("img_emb.") for k in state):
+            raise ValueError("image-branch keys (k_img / img_emb.*) without img_emb.proj.0.weight: a partial state")
+        return None
+    return int(tuple(getattr(weight, "shape", weight))[0])
+
+
+def _check_args(model_type: str, dim: int, num_heads: int, patch_size: Sequence[int], freq_dim: int,
+                clip_dim: int | None) -> None:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if model_type == "flf2v" and clip_dim is None:
+        raise ValueError("an flf2v model needs clip_dim (its first/last-frame CLIP tokens); clip_dim=None is the "
+                         "Wan2.2 I2V layout (model_type 'i2v')")
     if dim % num_heads or (dim // num_heads) % 2:
         raise ValueError(f"dim {dim} must split into {num_heads} heads of an even size")
     if len(patch_size) != 3:
