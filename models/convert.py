@@ -114,7 +114,7 @@ def diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
         text_dim=config.get("text_dim", 4096), freq_dim=config["freq_dim"], ffn_dim=config["ffn_dim"],
         num_layers=config["num_layers"], cross_attn_norm=config.get("cross_attn_norm", True),
         qk_norm="rms_norm_across_heads" if config.get("qk_norm", True) else None, eps=config.get("eps", 1e-6))
-    if config["model_type"] in ("i2v", "flf2v"):
+    if config["model_type"] in ("i2v", "flf2v") and config.get("clip_dim", 1280) is not None:  # Wan2.2 I2V: None
         out.update(image_dim=config.get("clip_dim", 1280), added_kv_proj_dim=dim)
     if config["model_type"] == "flf2v":
         out.update(pos_embed_seq_len=2 * 257)
