@@ -22,6 +22,8 @@ from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.data import PromptBatches, build_prompt_batches
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
+from distill.moe import build_dmd as build_moe_dmd
+from distill.moe import export_pair, is_expert_folder, pair_student
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.sampling import backward_simulation, gaussian_noise
@@ -39,6 +41,7 @@ from models.loading import (
     write_dit_folder,
     write_safetensors,
 )
+from models.moe import ExpertPair
 
 
 def seeded(*key: int) -> torch.Generator:
@@ -48,6 +51,8 @@ def seeded(*key: int) -> torch.Generator:
 
 class DMDTrainer(Trainer):
     def build(self) -> None:
+        if is_expert_folder(self.cfg.model.path):  # a two-expert (Wan2.2 A14B) teacher: distill/moe.py
+            return build_moe_dmd(self)
         if self.engine:
             return self._build_sharded()
         cfg = self.cfg
@@ -211,6 +216,8 @@ class DMDTrainer(Trainer):
 
         Sharded engines: a collective (every rank gathers); rank 0 gets the DiT, the other ranks None."""
         gen = self.unwrap(self.gen)
+        if isinstance(gen, ExpertPair):  # a two-expert student (distill/moe.py)
+            return pair_student(self, ema, sampling)
         device, dtype = (self.device, self.train_dtype) if sampling else (None, torch.float32)
         if self.engine:
             state = self.engine.full_state_dict(self.gen)
@@ -249,6 +256,8 @@ class DMDTrainer(Trainer):
     def export(self) -> Path:
         """A Wan-style folder: teacher config + components + distill_models/distill_model.safetensors; LoRA mode
         adds the generator's adapter as a LightX2V LoRA, `lora/distill_lora_r<rank>.safetensors` (no SVD)."""
+        if isinstance(self.unwrap(self.gen), ExpertPair):
+            return export_pair(self)
         out = Path(self.cfg.output_model or self.run_dir / "model")
         use_ema = self.step > self.cfg.dmd.ema_start
         student = self.student(ema=use_ema)

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.checkpoint import resume_candidate, verify_checkpoint
 from distill.config import DistillConfig
+from distill.moe import export_run, is_expert_folder
 from inference.schedule import StudentSchedule, write_schedule
 from models.components import build_dit, copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, load_into, read_json, write_dit_folder, write_safetensors
@@ -156,6 +157,10 @@ def lora_adapter_file(run: Path, checkpoint: Path | None, weights: str, info: di
 
 def export(run: Path, out: Path, weights: str = "ema", checkpoint: Path | None = None, dtype: str = "bf16",
            lora: Path | None = None, lora_rank: int = 64, lora_min_numel: int = 1_000_000) -> Path:
+    info = run_info(run)
+    if info["task"] == "dmd" and is_expert_folder(info["model"]["path"]):  # a two-expert teacher: distill/moe.py
+        return export_run(run, out, info, run_checkpoint(run, checkpoint), weights, DTYPES[dtype],
+                          None if lora is None else Path(lora), lora_rank, lora_min_numel)
     net, info = load_run_network(run, checkpoint, weights)
     components = Path(info["model"]["components_path"] or info["model"]["path"])
     if info["task"] == "pretrain":

@@ -15,6 +15,7 @@ import torch
 from distill.data import ShapesBatches, TextCache, all_prompts, shapes_world
 from distill.ema import EMA
 from distill.losses import flow_matching_loss
+from distill.moe import range_flow_matching_loss
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.pipeline import WanPipeline
@@ -93,7 +94,11 @@ class PretrainTrainer(Trainer):
             last = micro == cfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with contextlib.nullcontext() if last else acc.no_sync(self.dit):
                 with acc.autocast():
-                    loss = flow_matching_loss(self.dit, x0.to(self.device), cond, cfg.pretrain.timestep_shift, gen)
+                    if cfg.pretrain.t_range is None:
+                        loss = flow_matching_loss(self.dit, x0.to(self.device), cond, cfg.pretrain.timestep_shift, gen)
+                    else:  # one expert of a two-expert teacher: its timesteps only (distill/moe.py)
+                        loss = range_flow_matching_loss(self.dit, x0.to(self.device), cond,
+                                                        cfg.pretrain.timestep_shift, cfg.pretrain.t_range, gen)
                 if not self.check_finite(loss.detach(), "flow matching"):
                     self.opt.zero_grad(set_to_none=True)
                     return {"skipped": 1.0}

@@ -1,0 +1,396 @@
+"""Two-expert (Wan2.2 A14B) teachers and students in training: docs/moe_distillation.md.
+
+A two-expert folder holds the shared components (VAE / codec, umT5, tokenizer) at its root and one ordinary DiT
+folder per expert, `high_noise_model/` (timesteps t >= boundary * 1000) and `low_noise_model/` (below), each with
+config.json and its weights (`diffusion_pytorch_model*.safetensors`, or `distill_models/distill_model.safetensors`
+for a student). The official folders do not store the boundary (Wan2.2 keeps it in its code: T2V 0.875, I2V
+0.900); ours write it to `experts.json` next to the components, with the student steps each expert owns.
+
+- Teacher: `pretrain.t_range` fine-tunes one expert on its timesteps (`range_flow_matching_loss`); `assemble`
+  (`python -m distill.moe assemble`) writes the two-expert folder.
+- DMD (`build_dmd`, called by distill/dmd.py when model.path is a two-expert folder): the real score is the
+  teacher's `ExpertPair`; the generator is an ExpertPair of two students (`dmd.generator: per_expert`, each a copy
+  of its teacher expert) or one DiT (`shared`); the critic likewise (`dmd.critic`). A generator pair needs no
+  change to the DMD loop: the backward simulation calls it with one timestep per step, so each step runs the
+  expert whose side of the boundary that timestep is on, and only the exit step's expert receives gradients (the
+  other's gradients stay None, so AdamW leaves its weights and moments alone).
+- Export (`export_pair`, `export_run`): the two-expert folder layout + schedule.json + experts.json; LoRAs named
+  as the Wan2.2-Lightning releases, `high_noise_model.safetensors` / `low_noise_model.safetensors` in a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from inference.flow import add_noise, shift_sigma, timestep_of, unshift_sigma, v_from_x0_eps
+from inference.guidance import Cond
+from inference.schedule import StudentSchedule, write_schedule
+from models.components import copy_components, load_dit
+from models.loading import DISTILL_DIR, DIT_CONFIG, DIT_WEIGHTS
+from models.moe import EXPERTS, ExpertPair
+
+if TYPE_CHECKING:
+    from distill.config import TrainConfig
+
+HIGH, LOW = EXPERTS  # "high_noise_model", "low_noise_model"
+EXPERTS_FILE = "experts.json"
+LORA_DIR = "loras"  # <student>/loras/{high,low}_noise_model.safetensors (the Wan2.2-Lightning file names)
+DIT_ATTRS = ("text_len", "model_type", "in_dim", "out_dim", "dim", "text_dim", "num_layers", "num_heads")
+
+
+class DiTPair(ExpertPair):
+    """An ExpertPair that answers the DiT attributes read by trainers and the pipeline (`text_len`, ...) from its
+    high-noise expert: both experts share one architecture (checked by `pair_of`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in DIT_ATTRS:
+                raise
+            return getattr(super().__getattr__(HIGH), name)
+
+
+def pair_of(high: nn.Module, low: nn.Module, boundary: float) -> DiTPair:
+    """A DiTPair of two DiTs of one architecture (their config.json fields must agree)."""
+    a, b = getattr(high, "config", None), getattr(low, "config", None)
+    if a is not None and b is not None and a != b:
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise ValueError(f"the two experts differ in architecture ({', '.join(diff)}): both must have one config")
+    return DiTPair(high, low, boundary)
+
+
+# ---- folders ----------------------------------------------------------------------------------------------------
+def is_expert_folder(folder: str | Path | None) -> bool:
+    """Whether `folder` is a two-expert folder (high_noise_model/config.json and low_noise_model/config.json)."""
+    return folder is not None and all((Path(folder) / e / DIT_CONFIG).is_file() for e in EXPERTS)
+
+
+def folder_boundary(folder: str | Path, override: float | None = None, spec: str | None = None) -> float:
+    """The expert boundary of a two-expert folder: `override` (model.boundary), else the folder's experts.json,
+    else the registry boundary of `spec` (the official folders store none); else a ValueError naming the key."""
+    if override is not None:
+        return float(override)
+    path = Path(folder) / EXPERTS_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text())["boundary"])
+    if spec is not None:
+        from models.registry import get_spec
+
+        experts = get_spec(spec).experts
+        if experts:
+            return float(experts["boundary"])
+    raise ValueError(f"{folder} is a two-expert folder without {EXPERTS_FILE}: set model.boundary (Wan2.2 T2V-A14B "
+                     f"0.875, I2V-A14B 0.900) or model.spec=wan2.2-t2v-a14b / wan2.2-i2v-a14b")
+
+
+def student_split(schedule: StudentSchedule, boundary: float) -> tuple[list[int], list[int]]:
+    """(step indices of the high-noise expert, of the low-noise expert): step j belongs to the high-noise expert
+    when its SHIFTED timestep 1000 shift(d_j / 1000) >= boundary * 1000. [1000, 750, 500, 250] at shift 5 has
+    timesteps [1000, 937.5, 833.3, 625]: at 0.875 (and 0.900) steps 0, 1 are high-noise, 2, 3 low-noise (2 + 2)."""
+    t = schedule.timesteps().double()
+    high = [j for j in range(len(t)) if float(t[j]) >= boundary * 1000.0]
+    return high, [j for j in range(len(t)) if j not in high]
+
+
+def experts_info(boundary: float, schedule: StudentSchedule | None = None) -> dict[str, Any]:
+    """The experts.json contents: the boundary and, for a student, the steps each expert owns."""
+    info: dict[str, Any] = {"boundary": boundary}
+    if schedule is not None:
+        high, low = student_split(schedule, boundary)
+        ts = schedule.timesteps().tolist()
+        info["boundary_step_index"] = len(high)  # LightX2V's key: steps before it run the high-noise expert
+        for name, idx in ((HIGH, high), (LOW, low)):
+            info[name] = {"steps": idx, "denoising_steps": [schedule.denoising_step_list[j] for j in idx],
+                          "timesteps": [round(ts[j], 4) for j in idx]}
+    return info
+
+
+def write_experts(folder: str | Path, boundary: float, schedule: StudentSchedule | None = None) -> Path:
+    path = Path(folder) / EXPERTS_FILE
+    path.write_text(json.dumps(experts_info(boundary, schedule), indent=2) + "\n")
+    return path
+
+
+def _copy_dit(src: Path, dst: Path) -> None:
+    """config.json and the DiT weights of a one-DiT folder (base weights, shards + index, distill_models/)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / DIT_CONFIG, dst / DIT_CONFIG)
+    weights = sorted(src.glob(DIT_WEIGHTS.replace(".safetensors", "*.safetensors*")))
+    if (src / DISTILL_DIR).is_dir():
+        shutil.copytree(src / DISTILL_DIR, dst / DISTILL_DIR, dirs_exist_ok=True)
+    elif not weights:
+        raise FileNotFoundError(f"{src} has no DiT weights ({DIT_WEIGHTS} or {DISTILL_DIR}/)")
+    for f in weights:
+        shutil.copy2(f, dst / f.name)
+
+
+def assemble(high: str | Path, low: str | Path, out: str | Path, boundary: float,
+             components: str | Path | None = None) -> Path:
+    """Write a two-expert folder from two one-DiT folders: `components` (default: the high folder's) at the root,
+    each DiT in its expert subfolder, experts.json with the boundary."""
+    if not 0 < boundary < 1:
+        raise ValueError(f"boundary is a fraction of 1000 in (0, 1), got {boundary}")
+    high, low, out = Path(high), Path(low), Path(out)
+    for name, folder in (("--high", high), ("--low", low)):
+        if not (folder / DIT_CONFIG).is_file():
+            raise FileNotFoundError(f"{name} {folder}: not a DiT folder (no {DIT_CONFIG})")
+    a, b = (json.loads((f / DIT_CONFIG).read_text()) for f in (high, low))
+    if a != b:
+        raise ValueError(f"{high} and {low} hold DiTs of different configs: the experts must share one architecture")
+    copy_components(components or high, out)
+    for name, folder in ((HIGH, high), (LOW, low)):
+        _copy_dit(folder, out / name)
+    write_experts(out, boundary)
+    return out
+
+
+def load_pair(folder: str | Path, boundary: float, distill: bool = False, dtype: torch.dtype | None = None) -> DiTPair:
+    """The two DiTs of a two-expert folder as a DiTPair (`distill`: prefer distill_models/ weights)."""
+    folder = Path(folder)
+    return pair_of(*(load_dit(folder / e, distill=distill, dtype=dtype) for e in EXPERTS), boundary)
+
+
+# ---- teacher fine-tuning: timesteps restricted to one expert's range ----------------------------------------------
+def range_sigmas(batch: int, shift: float, t_range: list[float] | tuple[float, float],
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """s = shift(u), u ~ U(unshift(t_lo / 1000), unshift(t_hi / 1000)): the shifted density of
+    `distill.losses.sample_sigmas` restricted to [t_lo, t_hi] (the shift is increasing, so the range maps to an
+    interval of u). [B]; t_range [0, 1000] draws exactly what sample_sigmas draws."""
+    lo, hi = (float(unshift_sigma(torch.tensor(t / 1000.0, dtype=torch.float64), shift)) for t in t_range)
+    u = torch.rand(batch, generator=generator)
+    return shift_sigma(lo + (hi - lo) * u.double(), shift).float().to(device)
+
+
+def range_flow_matching_loss(net: nn.Module, x0: Tensor, cond: Cond, shift: float, t_range: list[float],
+                             generator: torch.Generator | None = None) -> Tensor:
+    """`distill.losses.flow_matching_loss` with timesteps drawn inside t_range only (the same draws in the same
+    order: sigmas, then noise). x0 [B, C, F, H, W]; returns a scalar."""
+    s = range_sigmas(x0.shape[0], shift, t_range, generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    v = cond(net, add_noise(x0, eps, s), timestep_of(s))
+    return (v.float() - v_from_x0_eps(x0, eps).float()).pow(2).mean()
+
+
+# ---- DMD with a two-expert teacher -------------------------------------------------------------------------------
+def check_dmd(cfg: TrainConfig, num_processes: int = 1) -> float:
+    """The checks a two-expert DMD run needs before any model is read; returns the boundary."""
+    teacher = Path(cfg.model.path)
+    boundary = folder_boundary(teacher, cfg.model.boundary, cfg.model.spec)
+    if cfg.distributed.engine not in ("auto", "ddp"):
+        raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
+                         f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network)")
+    if num_processes > 1:
+        raise ValueError("a two-expert teacher trains in one process for now: DDP would reduce the gradients of "
+                         "the expert that did not run (find_unused_parameters) and could step it with zeros")
+    init = cfg.model.generator_init
+    if init is not None:
+        two = is_expert_folder(init)
+        if cfg.dmd.generator == "per_expert" and not two:
+            raise ValueError(f"model.generator_init={init} holds one DiT but dmd.generator=per_expert needs a "
+                             f"two-expert folder (high_noise_model/ + low_noise_model/); set dmd.generator=shared "
+                             f"to distil into one student")
+        if cfg.dmd.generator == "shared" and two:
+            raise ValueError(f"model.generator_init={init} is a two-expert folder but dmd.generator=shared trains "
+                             f"one DiT: set dmd.generator=per_expert")
+    high, low = student_split(cfg.distill.schedule(), boundary)
+    if cfg.dmd.generator == "per_expert" and not (high and low):
+        side = "high" if high else "low"
+        raise ValueError(f"every student timestep {cfg.distill.schedule().timesteps().tolist()} is on the {side}-noise "
+                         f"side of the boundary {boundary * 1000:g}: the other student expert would never train; "
+                         f"set dmd.generator=shared")
+    return boundary
+
+
+def build_dmd(trainer) -> None:
+    """DMDTrainer.build for a two-expert teacher (model.path): real score, generator, critic, EMA, optimizers."""
+    from distill.adapters import with_lora
+    from distill.ema import EMA
+    from models.components import load_encoders
+
+    cfg = trainer.cfg
+    boundary = check_dmd(cfg, trainer.accelerator.num_processes)
+    teacher = Path(cfg.model.path)
+    real = load_pair(teacher, boundary, dtype=torch.float32)
+    trainer.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
+    trainer.components_path = Path(cfg.model.components_path or teacher)
+    trainer.vae, trainer.text_encoder, trainer.image_encoder = load_encoders(trainer.components_path, trainer.task,
+                                                                             real.text_len)
+    dtype = torch.bfloat16 if cfg.dmd.real_score_dtype == "bf16" else torch.float32
+    trainer.real_score = real.to(trainer.device, dtype).eval().requires_grad_(False)
+    init = cfg.model.generator_init
+    if cfg.lora.enabled:  # adapters on the ONE frozen copy of each teacher expert
+        def make(_: str, layout: str) -> nn.Module:
+            ad = lambda m: with_lora(m, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)  # noqa: E731
+            if layout == "shared":
+                return ad(getattr(real, cfg.dmd.shared_init))
+            return pair_of(ad(real.high_noise_model), ad(real.low_noise_model), boundary)
+    else:
+        def make(name: str, layout: str) -> nn.Module:
+            if name == "generator" and init:
+                net = load_pair(init, boundary, distill=True, dtype=torch.float32) if layout == "per_expert" \
+                    else load_dit(init, distill=True, dtype=torch.float32)
+            elif layout == "shared":
+                net = copy.deepcopy(getattr(real, cfg.dmd.shared_init)).float()
+            else:
+                net = copy.deepcopy(real).float()
+            return net.to(trainer.device).requires_grad_(True)
+    gen, critic = make("generator", cfg.dmd.generator), make("critic", cfg.dmd.critic)
+    for net in (gen, critic):
+        net.train()
+        for m in (net.high_noise_model, net.low_noise_model) if isinstance(net, ExpertPair) else (net,):
+            m.gradient_checkpointing = cfg.model.gradient_checkpointing
+    trainer.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
+    opt_g = trainer._optimizer("generator")(gen.parameters())
+    opt_c = trainer._optimizer("critic")(critic.parameters())
+    trainer.gen, trainer.critic, trainer.opt_g, trainer.opt_c = trainer.accelerator.prepare(gen, critic, opt_g, opt_c)
+    trainer.trainable_only = cfg.lora.enabled
+    trainer.boundary = boundary
+    trainer.logger.event(0, f"two-expert teacher {teacher} (boundary {boundary * 1000:g}): generator "
+                            f"{cfg.dmd.generator}, critic {cfg.dmd.critic}; student steps (high, low) = "
+                            f"{student_split(cfg.distill.schedule(), boundary)}")
+    trainer._finish_build(real.text_len)
+
+
+def pair_student(trainer, ema: bool, sampling: bool) -> DiTPair:
+    """The generator pair as plain DiTs (EMA weights if `ema`; LoRA mode: adapters merged), fp32 on the host or,
+    `sampling`, on the training device in the training dtype."""
+    from distill.adapters import merged
+
+    gen = trainer.unwrap(trainer.gen)
+    state = trainer.ema.state_dict() if ema else None
+    if trainer.cfg.lora.enabled:
+        out = merged(gen, state)
+    else:
+        out = copy.deepcopy(gen)
+        if state is not None:
+            trainer.ema.copy_to(out)
+    device, dtype = (trainer.device, trainer.train_dtype) if sampling else ("cpu", torch.float32)
+    return out.to(device, dtype).eval().requires_grad_(False)
+
+
+def write_student(out: str | Path, student: nn.Module, components: str | Path, schedule: StudentSchedule,
+                  boundary: float, dtype: torch.dtype | None = None) -> Path:
+    """A two-expert student folder: components at the root, `<expert>/config.json` +
+    `<expert>/distill_models/distill_model.safetensors`, schedule.json and experts.json (steps per expert)."""
+    from models.loading import write_dit_folder
+
+    out = Path(out)
+    for name in EXPERTS:
+        write_dit_folder(out / name, getattr(student, name), dtype,
+                         weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+    copy_components(components, out)
+    write_schedule(out, schedule)
+    write_experts(out, boundary, schedule)
+    return out
+
+
+def export_pair(trainer) -> Path:
+    """DMDTrainer.export for a generator pair; LoRA mode adds each expert's adapter as a LightX2V LoRA,
+    `loras/high_noise_model.safetensors` and `loras/low_noise_model.safetensors`."""
+    from distill.adapters import lightx2v_lora
+    from models.loading import write_safetensors
+
+    cfg = trainer.cfg
+    out = Path(cfg.output_model or trainer.run_dir / "model")
+    use_ema = trainer.step > cfg.dmd.ema_start
+    write_student(out, pair_student(trainer, use_ema, False), trainer.components_path, cfg.distill.schedule(),
+                  trainer.boundary)
+    if cfg.lora.enabled:
+        gen, state = trainer.unwrap(trainer.gen), trainer.ema.state_dict() if use_ema else None
+        for name in EXPERTS:
+            sub = None if state is None else split_state(state, name)
+            write_safetensors(lightx2v_lora(getattr(gen, name), sub), out / LORA_DIR / f"{name}.safetensors",
+                              metadata={"rank": str(cfg.lora.rank), "format": "lightx2v"})
+        trainer.logger.event(trainer.step, f"exported the generator experts' adapters to {out / LORA_DIR}")
+    trainer.logger.event(trainer.step, f"exported the two-expert student to {out}")
+    return out
+
+
+def split_state(state: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The tensors of expert `name` in an ExpertPair state dict, without the `<name>.` prefix."""
+    return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
+def export_run(run: Path, out: Path, info: dict, ckpt: Path, weights: str, dtype: torch.dtype,
+               lora: Path | None, lora_rank: int, lora_min_numel: int) -> Path:
+    """`python -m distill.export` for a two-expert-teacher DMD run: a generator pair -> the two-expert student
+    folder (and with --lora a FOLDER of high_noise_model.safetensors + low_noise_model.safetensors, SVD of each
+    student expert minus its teacher expert, or LoRA mode's adapters); a shared generator -> a one-DiT student
+    (and --lora a file: the LoRA against the teacher expert it started from, dmd.shared_init)."""
+    from safetensors.torch import load_file
+
+    from distill.adapters import lightx2v_lora, merged, with_lora
+    from distill.config import DistillConfig
+    from distill.export import extract_lora
+    from models.components import build_dit
+    from models.loading import load_into, read_json, write_dit_folder, write_safetensors
+
+    teacher, dmd = Path(info["model"]["path"]), info.get("dmd", {})
+    boundary = folder_boundary(teacher, info["model"].get("boundary"), info["model"].get("spec"))
+    d = info.get("distill", {})
+    schedule = DistillConfig(**{k: d[k] for k in ("denoising_step_list", "sample_shift") if k in d}).schedule()
+    raw = load_file(str(ckpt / "generator.safetensors"))
+    state = {**raw, **load_file(str(ckpt / "ema.safetensors"))} if weights == "ema" else raw
+    names = list(EXPERTS) if dmd.get("generator", "per_expert") == "per_expert" else [dmd.get("shared_init", LOW)]
+    lcfg = info.get("lora", {})
+    nets, bases = {}, {}
+    for name in names:
+        sub = split_state(state, name) if len(names) == 2 else state
+        base = load_dit(teacher / name)
+        bases[name] = base.state_dict()
+        if lcfg.get("enabled"):
+            net = with_lora(base, lcfg["rank"], lcfg["alpha"], lcfg["target_modules"])
+            net.load_state_dict(sub, strict=False)
+            nets[name] = net
+        else:
+            nets[name] = load_into(build_dit(read_json(teacher / name / DIT_CONFIG), "meta"), sub, f"{ckpt} {name}")
+    components = Path(info["model"].get("components_path") or teacher)
+    plain = {k: merged(v) if lcfg.get("enabled") else v for k, v in nets.items()}
+    if len(names) == 2:
+        write_student(out, pair_of(plain[HIGH], plain[LOW], boundary), components, schedule, boundary, dtype)
+    else:
+        write_dit_folder(out, plain[names[0]], dtype, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        copy_components(components, out)
+        write_schedule(out, schedule)
+    print(f"wrote {out} (two-expert teacher, generator {'pair' if len(names) == 2 else names[0]}, {weights} weights)")
+    if lora is None:
+        return out
+    for name in names:
+        if lcfg.get("enabled"):
+            tensors, rank = lightx2v_lora(nets[name]), lcfg["rank"]
+        else:
+            student = {k: v.to(dtype) if dtype is not None else v for k, v in plain[name].state_dict().items()}
+            tensors, _ = extract_lora(bases[name], student, lora_rank, lora_min_numel)
+            rank = lora_rank
+        path = Path(lora) / f"{name}.safetensors" if len(names) == 2 else Path(lora)
+        write_safetensors(tensors, path, torch.bfloat16 if dtype == torch.bfloat16 else None,
+                          metadata={"rank": str(rank), "format": "lightx2v"})
+        print(f"wrote {path}: {len(tensors)} tensors, rank {rank}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Two-expert folders: assemble one from two one-DiT folders.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("assemble", help="components at the root + high_noise_model/ + low_noise_model/ + experts.json")
+    a.add_argument("--high", required=True, help="one-DiT folder of the high-noise expert")
+    a.add_argument("--low", required=True, help="one-DiT folder of the low-noise expert")
+    a.add_argument("--out", required=True)
+    a.add_argument("--boundary", type=float, required=True, help="fraction of 1000 (Wan2.2 T2V 0.875, I2V 0.900)")
+    a.add_argument("--components", help="folder whose components go to the root (default: --high)")
+    args = p.parse_args(argv)
+    out = assemble(args.high, args.low, args.out, args.boundary, args.components)
+    print(f"wrote {out} (boundary {args.boundary})")
+
+
+if __name__ == "__main__":
+    main()
