@@ -83,7 +83,12 @@ def _build_vae(entry: dict[str, Any], folder: Path) -> nn.Module:
 
         return load_into(_on_meta(WanVAE, **entry.get("config", {})), read_state_dict(path, torch.float32),
                          f"VAE {path}")
-    raise ValueError(f"unknown vae type {kind!r} in {folder / COMPONENTS}; expected pca_codec or wan_vae")
+    if kind == "wan22_vae":  # Wan2.2 TI2V-5B (Wan2.2_VAE.pth)
+        from models.vae22 import Wan22VAE
+
+        return load_into(_on_meta(Wan22VAE, **entry.get("config", {})), read_state_dict(path, torch.float32),
+                         f"VAE {path}")
+    raise ValueError(f"unknown vae type {kind!r} in {folder / COMPONENTS}; expected pca_codec, wan_vae or wan22_vae")
 
 
 def _build_text_encoder(entry: dict, tok_entry: dict, folder: Path, text_len: int,
@@ -160,7 +165,8 @@ def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder,
         table["vae"] = {"type": "pca_codec", "file": "codec.safetensors"}
     else:
         write_safetensors(vae.state_dict(), folder / "vae.safetensors")
-        table["vae"] = {"type": "wan_vae", "file": "vae.safetensors", "config": vae.config}
+        table["vae"] = {"type": getattr(vae, "COMPONENT_TYPE", "wan_vae"), "file": "vae.safetensors",
+                        "config": vae.config}
     write_safetensors(text_model.state_dict(), folder / "text_encoder.safetensors")
     table["text_encoder"] = {"type": "umt5", "file": "text_encoder.safetensors", "config": text_model.config}
     if isinstance(tokenizer, str):

@@ -133,7 +133,15 @@ def read_components(folder: Path) -> dict[str, dict[str, Any]]:
     if path.is_file():
         return read_json(path)
     table = json.loads(json.dumps(WAN_COMPONENTS))
-    for name, infer in (("vae", wan_vae_config_from_state), ("text_encoder", umt5_config_from_state),
+    infer_vae = wan_vae_config_from_state
+    if not (folder / table["vae"]["file"]).is_file():  # Wan2.2 TI2V-5B folders hold Wan2.2_VAE.pth instead
+        from models.vae22 import WAN22_VAE_FILE
+        from models.vae22_keys import wan22_vae_config_from_state
+
+        if (folder / WAN22_VAE_FILE).is_file():
+            table["vae"] = {"type": "wan22_vae", "file": WAN22_VAE_FILE, "config": {}}
+            infer_vae = wan22_vae_config_from_state
+    for name, infer in (("vae", infer_vae), ("text_encoder", umt5_config_from_state),
                         ("image_encoder", clip_config_from_state)):
         file = folder / table[name]["file"]
         if file.is_file():

@@ -253,16 +253,23 @@ class Wan22VAE(nn.Module):
         self.register_buffer("latent_mean", torch.tensor(self._config["latent_mean"]), persistent=False)
         self.register_buffer("latent_std", torch.tensor(self._config["latent_std"]), persistent=False)
 
-    # Shared with WanVAE (same attributes, same meaning): the JSON config, rebuilding the latent statistics when
-    # built on `meta`, the statistics as broadcastable tensors, normalised encode, and the spatial tiling.
+    # Shared with WanVAE (same attributes, same meaning): the JSON config, the statistics as broadcastable
+    # tensors, normalised encode, and the spatial tiling.
     config = WanVAE.config
-    _load_from_state_dict = WanVAE._load_from_state_dict
     _stats = WanVAE._stats
     encode = WanVAE.encode
     enable_tiling = WanVAE.enable_tiling
     disable_tiling = WanVAE.disable_tiling
     _needs_tiles = WanVAE._needs_tiles
     _tiled = WanVAE._tiled
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        ref = next((v for k, v in state_dict.items() if k.startswith(prefix)), None)
+        if self.latent_mean.is_meta and ref is not None and not ref.is_meta:
+            # built on `meta`: materialise the statistics next to the loaded weights
+            self.latent_mean = torch.tensor(self._config["latent_mean"], device=ref.device)
+            self.latent_std = torch.tensor(self._config["latent_std"], device=ref.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(z_dim, 1 + (T-1)/ts, H/s, W/s) for ts = temporal_stride (4), s = spatial_stride (16); ValueError

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from models.loading import KeyMismatchError, _count, _shape
 
-
 # ------------------------------------------------------------------------------------------------------------
 # Config from the official file's tensor shapes (no config is stored in it).
 
