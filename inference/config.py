@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
+from inference.moe import MOE_MODEL_CLASSES, check_moe_keys
 from inference.schedule import DEFAULT_UPDATE, StudentSchedule
 
 # Wan2.1's default negative prompt (garish colours, overexposed, static, blurry details, subtitles, ...).
@@ -32,7 +33,10 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 TASKS = ("t2v", "i2v")
-MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+# Wan2.2 A14B (docs/wan22.md): wan2.2_moe (two experts, teacher sampler) and wan2.2_moe_distill (a few-step student:
+# two distilled experts, or base experts + one distill LoRA per expert); see inference/moe.py.
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill", *MOE_MODEL_CLASSES)
+DISTILL_MODEL_CLASSES = ("wan2.1_distill", "wan2.2_moe_distill")
 # The other Wan names LightX2V's `--model_cls` accepts (its runner registry); each needs a model or a sampler this
 # project does not have, so it is refused with what it is instead of being run as plain Wan2.1.
 UNSUPPORTED_MODEL_CLASSES = {
@@ -68,6 +72,9 @@ IGNORED_KEYS = ("mm_config", "feature_caching", "teacache_thresh", "use_ret_step
 class LoraSpec:
     path: str
     strength: float = 1.0
+    # Wan2.2 MoE: the expert the LoRA applies to, "high_noise_model" | "low_noise_model" (LightX2V's key); None
+    # for a single-DiT model.
+    name: str | None = None
 
 
 # ---- multi-GPU inference: LightX2V's "parallel" block (run by inference/parallel.py) ----------------
@@ -118,7 +125,9 @@ class InferConfig:
     distill_update: str = DEFAULT_UPDATE  # lcm (fresh noise per step, as in training) | euler (deterministic)
     sample_shift: float = 5.0
     enable_cfg: bool = True
-    sample_guide_scale: float = 5.0  # standard CFG: uncond + w (cond - uncond); w = 1 is no guidance
+    # Standard CFG: uncond + w (cond - uncond); w = 1 is no guidance. Wan2.2 MoE: one w for both experts or
+    # LightX2V's pair [w_high_noise, w_low_noise] (the official config's tuple is the other way round: (low, high)).
+    sample_guide_scale: float | list[float] = 5.0
     # [t_min, t_max] on the 0-1000 timestep scale: CFG only at steps whose timestep lies inside, the conditional
     # branch alone elsewhere (one forward instead of two); guidance in a limited interval, Kynkaanniemi et al. 2024.
     # None: every step (LightX2V's behaviour). Not a LightX2V key.
@@ -146,6 +155,12 @@ class InferConfig:
     vae_tile_size: int = 48  # tile side in latent pixels (x8 in pixels); >= the VAE's receptive field
     vae_tile_overlap: int = 16  # latent pixels shared by neighbouring tiles, blended linearly
     # ---- end of memory keys ----
+    # ---- Wan2.2 MoE (model_cls wan2.2_moe / wan2.2_moe_distill; LightX2V's keys, docs/wan22.md) ----
+    boundary: float | None = None  # fraction of 1000: t >= boundary * 1000 runs high_noise_model; None: per task
+    boundary_step_index: int | None = None  # distill: steps [0, index) high_noise_model; None: by `boundary`
+    high_noise_original_ckpt: str | None = None  # distilled expert files (else distill_models/<expert>/)
+    low_noise_original_ckpt: str | None = None
+    # ---- end of MoE keys ----
     attention_type: str = "sdpa"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"
@@ -161,6 +176,21 @@ class InferConfig:
     def is_distill(self) -> bool:
         return self.denoising_step_list is not None
 
+    @property
+    def is_moe(self) -> bool:
+        """A Wan2.2 A14B two-expert model (model_cls wan2.2_moe or wan2.2_moe_distill)."""
+        return self.model_cls in MOE_MODEL_CLASSES
+
+    def guide_scales(self) -> tuple[float, float]:
+        """(w for high_noise_model, w for low_noise_model); a single number serves both."""
+        w = self.sample_guide_scale
+        return (float(w[0]), float(w[1])) if isinstance(w, list) else (float(w), float(w))
+
+    @property
+    def cfg_active(self) -> bool:
+        """CFG runs at some step: enable_cfg and a guidance scale other than 1 (either expert's)."""
+        return self.enable_cfg and any(w != 1.0 for w in self.guide_scales())
+
     def schedule(self) -> StudentSchedule | None:
         """The few-step student's schedule (None for a teacher config)."""
         if not self.is_distill:
@@ -172,7 +202,8 @@ class InferConfig:
         if self.model_cls in UNSUPPORTED_MODEL_CLASSES:
             raise ValueError(f"model_cls {self.model_cls!r} ({UNSUPPORTED_MODEL_CLASSES[self.model_cls]}) is a "
                              f"LightX2V model class this project does not implement; supported: 'wan2.1' (the "
-                             "base/teacher sampler) and 'wan2.1_distill' (a few-step student)")
+                             "base/teacher sampler) and 'wan2.1_distill' (a few-step student); Wan2.2 A14B: "
+                             "'wan2.2_moe' and 'wan2.2_moe_distill'")
         _choice("model_cls", self.model_cls, MODEL_CLASSES)
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
@@ -186,8 +217,7 @@ class InferConfig:
             raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
         if self.sample_shift <= 0:
             raise ValueError(f"sample_shift must be > 0, got {self.sample_shift}")
-        if self.sample_guide_scale < 0:
-            raise ValueError(f"sample_guide_scale must be >= 0, got {self.sample_guide_scale}")
+        check_moe_keys(self)  # sample_guide_scale (one number or the MoE pair) and the MoE block (inference/moe.py)
         interval = self.sample_guide_interval
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1000):
             raise ValueError(f"sample_guide_interval must be [t_min, t_max] with 0 <= t_min < t_max <= 1000 "
@@ -205,7 +235,10 @@ class InferConfig:
             raise ValueError(f"dit_quant_scheme must be one of {list(QUANT_SCHEMES)}, got {self.dit_quant_scheme!r} "
                              f"(LightX2V's per-channel names map onto them: {sorted(LIGHTX2V_QUANT_SCHEMES)})")
         if self.parallel is not None:
-            self.parallel.validate(cfg_active=self.enable_cfg and self.sample_guide_scale != 1.0)
+            self.parallel.validate(cfg_active=self.cfg_active)
+            if self.is_moe:
+                raise ValueError("the parallel block (multi-GPU) does not support the Wan2.2 MoE model classes yet; "
+                                 "remove it (one process runs both experts)")
 
     def _validate_memory_keys(self) -> None:
         """The offload / VAE tiling keys (see the block of fields above)."""
@@ -306,6 +339,17 @@ def check_field_types(obj: Any) -> None:
         setattr(obj, f.name, checked)
 
 
+def _untagged(value: Any, loc: tuple) -> tuple:
+    """A pydantic error location without the union-member tags ('float', 'list[float]') of a union annotation."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and not isinstance(value, dict) and not hasattr(value, part):
+            continue  # a union member's tag, not a key
+        out.append(part)
+        value = value[part] if isinstance(value, dict | list | tuple) else getattr(value, part)
+    return tuple(out)
+
+
 def _at(value: Any, loc: tuple) -> Any:
     """The part of the user's (un-normalised) value at a pydantic error location."""
     for part in loc:
@@ -319,6 +363,7 @@ def _at(value: Any, loc: tuple) -> Any:
 
 
 def _type_message(name: str, value: Any, hint: Any, err: dict[str, Any]) -> str:
+    err = {**err, "loc": _untagged(value, err["loc"]) if err["type"] != "missing" else err["loc"]}
     where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
     expected = f"{name} must be {describe_type(hint)}"
     if err["type"] == "missing":
@@ -385,7 +430,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="LightX2V-style inference JSON (--config_json is LightX2V's name for it)")
     p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
     p.add_argument("--model_cls", help="override the config's model_cls: wan2.1 (base/teacher) or wan2.1_distill "
-                                       "(few-step student: loads distill_models/); other LightX2V names are refused")
+                                       "(few-step student: loads distill_models/); wan2.2_moe / wan2.2_moe_distill "
+                                       "(Wan2.2 A14B's two experts); other LightX2V names are refused")
 
 
 def positive_int(text: str) -> int:

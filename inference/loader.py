@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from inference import moe
 from inference.config import InferConfig, load_config
 from inference.lora import apply_lora_configs
 from inference.lora_keys import resolve_lora_path
@@ -138,8 +139,12 @@ def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool, on_bas
 def check_weight_files(cfg: InferConfig, folder: Path, on_base_weights: str = "error") -> None:
     """Everything about the weight files that can be known without reading them: distilled weights for a distill
     schedule, and no truncated safetensors file (DiT and LoRAs), each named."""
-    files, distilled = dit_files(cfg, folder)
-    check_distill_source(cfg, folder, distilled, on_base_weights)
+    moe.check_moe_request(cfg, folder)
+    if cfg.is_moe:
+        files = _moe_files(cfg, folder, on_base_weights)
+    else:
+        files, distilled = dit_files(cfg, folder)
+        check_distill_source(cfg, folder, distilled, on_base_weights)
     for f in files:
         if f.suffix == ".safetensors" and f.is_file():
             check_safetensors(f, "DiT weights")
@@ -147,6 +152,23 @@ def check_weight_files(cfg: InferConfig, folder: Path, on_base_weights: str = "e
         lora = resolve_lora_path(spec.path, REPO_ROOT)
         if lora.suffix == ".safetensors" and lora.is_file():
             check_safetensors(lora, "LoRA file")
+
+
+def _moe_files(cfg: InferConfig, folder: Path, on_base_weights: str) -> list[Path]:
+    """Both experts' weight files; a student schedule on an expert's base weights with no LoRA for it is refused
+    or warned about, as for one DiT (check_distill_source)."""
+    if on_base_weights not in BASE_WEIGHTS_POLICIES:
+        raise ValueError(f"on_base_weights must be one of {list(BASE_WEIGHTS_POLICIES)}, got {on_base_weights!r}")
+    base = moe.base_weight_experts(cfg, folder)
+    if base:
+        msg = moe.moe_base_weights_message(cfg, folder, base)
+        if on_base_weights == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, BaseWeightsWarning, stacklevel=4)
+    files = []
+    for _, path, kind in moe.moe_weight_sources(cfg, folder):
+        files += sorted(Path(path).glob("*.safetensors")) if kind == "base" else [Path(path)]
+    return files
 
 
 def with_folder_schedule(cfg: InferConfig, folder: Path) -> InferConfig:
@@ -160,7 +182,7 @@ def with_folder_schedule(cfg: InferConfig, folder: Path) -> InferConfig:
                              f"sample_shift in the config")
         return cfg
     if not cfg.is_distill:
-        return cfg.replace(model_cls="wan2.1_distill", denoising_step_list=list(trained.denoising_step_list),
+        return cfg.replace(model_cls="wan2.2_moe_distill" if cfg.is_moe else "wan2.1_distill", denoising_step_list=list(trained.denoising_step_list),
                            sample_shift=trained.shift, distill_update=trained.update, enable_cfg=False)
     if not cfg.schedule().same_timesteps(trained):
         raise ValueError(f"the config's schedule ({cfg.schedule().describe()}) differs from the one the student in "
@@ -183,11 +205,17 @@ def check_before_loading(cfg: InferConfig, model_path: str | Path | None = None)
 def config_for_folder(folder: str | Path, **overrides) -> InferConfig:
     """An inference config for an exported model folder alone: the task from its DiT config.json, the schedule
     from its schedule.json (`with_folder_schedule`), every other key a default or an override."""
+    from models.moe_loading import expert_dirs, moe_layout
+
+    moe_cls = {}
     cfg_file = Path(folder) / "config.json"
+    if moe_layout(folder) is not None:  # Wan2.2 A14B: the task from the high-noise expert's config
+        cfg_file = expert_dirs(folder)[0] / "config.json"
+        moe_cls = {"model_cls": "wan2.2_moe"}
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a model folder (pass an inference config)")
     task = json.loads(cfg_file.read_text()).get("model_type", "t2v")
-    return InferConfig(**{"task": task, "model_path": str(folder), **overrides})
+    return InferConfig(**{"task": task, "model_path": str(folder), **moe_cls, **overrides})
 
 
 def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Path | None = None,
@@ -226,6 +254,14 @@ def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Pat
         dit_loader = functools.partial(load_dit_lazy, scheme=cfg.dit_quant_scheme if cfg.dit_quantized else None)
     offloads = _component_offloads(cfg)
     home = "cpu" if offloads or cfg.cpu_offload else device  # offloaded parts load on the host, the rest moves below
+    if cfg.is_moe:  # Wan2.2 A14B: two experts (inference/moe.py)
+        comps = moe.load_moe(cfg, folder, dtype, home, REPO_ROOT)
+        if cfg.use_tiling_vae:
+            enable_vae_tiling(comps.vae, cfg.vae_tile_size, cfg.vae_tile_overlap)
+        offloaded = moe.place_experts(cfg, comps.dit, device)
+        stages = _place_components(cfg, comps, device, offloads, dit_placed=True)
+        return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype,
+                           offload=stages, experts_offloaded=offloaded)
     comps = load_any_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
                             dit_ckpt=dit_ckpt, dtype=dtype, device=home, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
@@ -246,11 +282,14 @@ def _component_offloads(cfg: InferConfig) -> list[str]:
     return [name for name, on in flags.items() if on]
 
 
-def _place_components(cfg: InferConfig, comps, device: torch.device, offloads: list[str]):
-    """DiT: block offload (cpu_offload) or the device; other components: the device or their stage only."""
+def _place_components(cfg: InferConfig, comps, device: torch.device, offloads: list[str], dit_placed: bool = False):
+    """DiT: block offload (cpu_offload) or the device (unless `dit_placed`: the MoE experts); other components:
+    the device or their stage only."""
     from inference.offload import ComponentOffload, enable_offload
 
-    if cfg.cpu_offload:
+    if dit_placed:
+        pass
+    elif cfg.cpu_offload:
         enable_offload(comps.dit, device, cfg.offload_granularity, getattr(comps.dit, "lazy_files", None))
     else:
         comps.dit.to(device)

@@ -3,6 +3,10 @@
 One call of `generate` runs: text encoding (cached per prompt; the negative prompt only when CFG is on) ->
 I2V conditioning (CLIP features and y = [mask, VAE latent of (image, zeros)], as in Wan) -> the sampler over
 the scheduler's steps with CFG as one batched forward -> VAE decode -> uint8 frames [B, F, H, W, 3].
+
+Wan2.2 A14B (`dit` an `ExpertPair`, docs/wan22.md): each step runs the expert its timestep (or, for a student
+with boundary_step_index, its position) selects, with that expert's guidance scale (inference/moe.py); the
+I2V experts take y but no CLIP features, so such a model needs no image encoder.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from torch import Tensor
 
 from inference.config import InferConfig, check_video_size
 from inference.guidance import Cond, Guidance, guided_velocity
+from inference.moe import ExpertSwitch, expert_plan, step_scales
 from inference.offload import ComponentOffload, offloader
 from inference.sampling import gaussian_noise, sample
 from inference.schedulers import DistillScheduler, FlowEulerScheduler, FlowUniPCScheduler
 from inference.video import read_image
+from models.moe import ExpertPair
 
 
 def make_scheduler(cfg: InferConfig):
@@ -60,14 +66,15 @@ def image_to_tensor(image: np.ndarray | Tensor) -> Tensor:
 def image_condition(vae, image_encoder, images: Tensor, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
     """Wan's I2V conditioning for images [B, 3, H, W] in [-1, 1] and a latent shape (z, f, h, w).
 
-    Returns CLIP features [B, N, clip_dim] and y [B, 4 + z, f, h, w] = concat(mask, VAE latent of
-    [image, zeros...]) where the mask is 1 on latent frame 0 (the given image) and 0 on the frames to generate.
+    Returns CLIP features [B, N, clip_dim] (None when `image_encoder` is None: the Wan2.2 I2V experts take
+    none) and y [B, 4 + z, f, h, w] = concat(mask, VAE latent of [image, zeros...]) where the mask is 1 on
+    latent frame 0 (the given image) and 0 on the frames to generate.
     """
     z, f, h, w = shape
     s = vae.spatial_stride
     frames = (f - 1) * vae.temporal_stride + 1
     img = F.interpolate(images.float(), size=(h * s, w * s), mode="bicubic", align_corners=False).clamp(-1, 1)
-    clip_fea = image_encoder.encode(images)
+    clip_fea = image_encoder.encode(images) if image_encoder is not None else None
     video = torch.zeros(img.shape[0], 3, frames, h * s, w * s, device=img.device)
     video[:, :, 0] = img
     latent = vae.encode(video).float()
@@ -94,13 +101,19 @@ class WanPipeline:
 
     def __init__(self, cfg: InferConfig, dit, vae, text_encoder, image_encoder=None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 offload: ComponentOffload | None = None) -> None:
+                 offload: ComponentOffload | None = None, experts_offloaded: bool = False) -> None:
         self.cfg, self.dit, self.vae = cfg, dit, vae
         self.offload = offload  # components that visit the device only for their stage (inference/offload.py)
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.device, self.dtype = torch.device(device), dtype
         self.timings = Timings()
-        if cfg.task == "i2v" and image_encoder is None:
+        # Wan2.2 MoE: calls the planned expert of each step; `experts_offloaded` (cpu_offload): only the active
+        # expert on the device, the other released when the boundary is crossed.
+        self.switch = None
+        if isinstance(dit, ExpertPair):
+            self.switch = ExpertSwitch((dit.high_noise_model, dit.low_noise_model), experts_offloaded)
+        net = dit.high_noise_model if isinstance(dit, ExpertPair) else dit
+        if cfg.task == "i2v" and image_encoder is None and hasattr(net, "img_emb"):
             raise ValueError("task i2v needs an image encoder (CLIP) in the model folder")
 
     def _stage(self, *names: str) -> contextlib.AbstractContextManager:
@@ -130,26 +143,33 @@ class WanPipeline:
 
     def encode_image(self, images: Tensor, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
         clip_fea, y = image_condition(self.vae, self.image_encoder, images.to(self.device), shape)
-        return clip_fea.to(self.dtype), y.to(self.dtype)
+        return (None if clip_fea is None else clip_fea.to(self.dtype)), y.to(self.dtype)
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guidance: Guidance, clip_fea: Tensor | None,
-                      y: Tensor | None, guided: Sequence[bool] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    def make_denoiser(self, cond: Tensor, uncond: Tensor | None, guidance: Guidance | Sequence[Guidance],
+                      clip_fea: Tensor | None, y: Tensor | None, guided: Sequence[bool] | None = None,
+                      plan: Sequence[int] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """v(x, t) for the sampler: `guided_velocity` (inference/guidance.py), one batched [cond; uncond] forward.
 
         `guided`: one flag per sampler step (`Guidance.applies_at` of the step's timestep, decided on the host
         from the schedule: no device sync); the returned function must then be called once per step, in order,
-        as `sample` does. Unguided steps run the conditional branch alone."""
+        as `sample` does. Unguided steps run the conditional branch alone. Wan2.2 MoE: `plan` holds the expert of
+        each step (inference/moe.py `expert_plan`) and `guidance` one Guidance per step (that expert's scale)."""
         if self.parallel is not None and self.parallel.cfg.cfg_p_size > 1:  # the two branches on two ranks
             return self.parallel.cfg_denoiser(self, cond, uncond, guidance.scale, clip_fea, y, guided)
         c = Cond(cond, clip_fea, y)
         u = None if uncond is None else Cond(uncond, clip_fea, y)
-        steps = iter(guided) if guided is not None else None
+        if plan is not None and self.switch is None:
+            raise ValueError("an expert plan needs a two-expert (Wan2.2 MoE) DiT")
+        step = iter(range(2**62))
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
-            apply = u is not None and guidance.enabled and (steps is None or next(steps))
+            i = next(step) if guided is not None or plan is not None else 0
+            g = guidance if isinstance(guidance, Guidance) else guidance[i]
+            apply = u is not None and g.enabled and (guided is None or guided[i])
+            net = self.switch.select(plan[i]) if plan is not None else self.dit
             self.timings.nfe += x.shape[0] * (2 if apply else 1)
-            return guided_velocity(self.dit, x.to(self.dtype), t, c, u, guidance, per_sample=False, apply=apply)
+            return guided_velocity(net, x.to(self.dtype), t, c, u, g, per_sample=False, apply=apply)
 
         return denoise
 
@@ -174,7 +194,7 @@ class WanPipeline:
         self.timings = Timings()
 
         t0 = time.perf_counter()
-        use_cfg = cfg.enable_cfg and cfg.sample_guide_scale != 1.0
+        use_cfg = cfg.cfg_active
         with self._stage("text_encoder"):
             cond = self.encode_text(prompts)
             neg = negative_prompt if negative_prompt is not None else cfg.sample_neg_prompt
@@ -196,14 +216,18 @@ class WanPipeline:
         # the fresh noise of every step, so that video i does not depend on the batch it was generated in.
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
         noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(self.device)
-        guidance = Guidance(cfg.sample_guide_scale, cfg.sample_guide_interval) if use_cfg else Guidance()
-        guided = [guidance.applies_at(float(t)) for t in scheduler.timesteps.cpu()]  # the schedule is on the host
-        denoise = self.make_denoiser(cond, uncond, guidance, clip_fea, y, guided)
+        guidance, plan = self._guidance(cfg, scheduler.timesteps.cpu(), use_cfg)
+        ts = scheduler.timesteps.cpu().tolist()  # the schedule is on the host
+        guided = [(guidance if isinstance(guidance, Guidance) else guidance[i]).applies_at(t)
+                  for i, t in enumerate(ts)]
+        denoise = self.make_denoiser(cond, uncond, guidance, clip_fea, y, guided, plan)
         if self.parallel is not None:  # all ranks poll rank 0's cancel flag, so they stop at the same step
             cancel = self.parallel.sync_cancel(cancel)
         step_noise = gaussian_noise(gens) if scheduler.needs_noise else None  # video i's noise: its own generator
         latent = sample(denoise, noise, scheduler, step_noise, callback=callback, cancel=cancel)
-        if (dit_offload := offloader(self.dit)) is not None:
+        if self.switch is not None:
+            self.switch.release()  # offloaded experts: the VAE stage gets their device memory
+        elif (dit_offload := offloader(self.dit)) is not None:
             dit_offload.release()  # the VAE stage gets the memory of the blocks in flight
         self.timings.add("dit", time.perf_counter() - t0)
         if self.parallel is not None and not self.parallel.is_main:
@@ -215,6 +239,18 @@ class WanPipeline:
         out = to_uint8(video)
         self.timings.add("vae_decode", time.perf_counter() - t0)
         return out
+
+    def _guidance(self, cfg: InferConfig, timesteps: Tensor, use_cfg: bool
+                  ) -> tuple[Guidance | list[Guidance], list[int] | None]:
+        """One Guidance (a single DiT) or, for the MoE, the expert plan and one Guidance per step (its expert's
+        scale: sample_guide_scale [high, low])."""
+        if self.switch is None:
+            scale = cfg.guide_scales()[0]
+            return (Guidance(scale, cfg.sample_guide_interval) if use_cfg else Guidance()), None
+        boundary = cfg.boundary if cfg.boundary is not None else self.dit.boundary
+        plan = expert_plan(timesteps, boundary, cfg.boundary_step_index)
+        scales = step_scales(plan, cfg.guide_scales()) if use_cfg else [1.0] * len(plan)
+        return [Guidance(w, cfg.sample_guide_interval) for w in scales], plan
 
     def _images(self, cfg: InferConfig, image, n: int) -> Tensor | None:
         if cfg.task != "i2v":

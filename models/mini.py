@@ -1,4 +1,4 @@
-"""Mini Wan2.1 model folders: the real file layout, architectures and key names at reduced width and depth, with
+"""Mini Wan2.1 (and, through models/mini_moe.py, Wan2.2 A14B two-expert) model folders: the real file layout, architectures and key names at reduced width and depth, with
 seeded random weights, for rehearsing every real-model command on a CPU in seconds.
 
 Two layouts of the same weights (the same seed gives the same tensors in both):
@@ -185,9 +185,16 @@ def build_mini(task: str, seed: int = 0, geometry: str = "mini") -> MiniModel:
 
 
 def write_mini(out: str | Path, task: str, layout: str = "official", sharded: bool = False,
-               seed: int = 0, geometry: str = "mini") -> Path:
-    """Write a mini model folder of `layout` for `task` to `out` (created; must be empty or absent)."""
+               seed: int = 0, geometry: str = "mini", moe: bool = False) -> Path:
+    """Write a mini model folder of `layout` for `task` to `out` (created; must be empty or absent).
+    `moe`: a Wan2.2 A14B two-expert folder instead (models/mini_moe.py; mini geometry only)."""
     _check(task, layout)
+    if moe:
+        if geometry != "mini":
+            raise ValueError(f"a mini Wan2.2 A14B folder has the mini geometry, got geometry {geometry!r}")
+        from models.mini_moe import write_mini_moe
+
+        return write_mini_moe(out, task, layout, sharded, seed)
     mini_configs(task, geometry)  # bad geometry: an error before anything is written
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -250,6 +257,11 @@ def write_official(out: Path, model: MiniModel, sharded: bool = False) -> Path:
         write_sharded_safetensors(out, model.dit.state_dict(), DIT_WEIGHTS, num_shards=3)
     else:
         write_safetensors(model.dit.state_dict(), out / DIT_WEIGHTS)
+    return write_shared_files(out, model)
+
+
+def write_shared_files(out: Path, model: MiniModel) -> Path:
+    """The official folder's files other than the DiT: VAE, umT5 + tokenizer, CLIP + tokenizer when present."""
     torch.save(_plain(model.vae.state_dict()), out / WAN_FILES["vae"])
     torch.save(_plain(model.text_encoder.state_dict(), torch.bfloat16), out / WAN_FILES["text_encoder"])
     write_tokenizer_folder(out / WAN_FILES["tokenizer"], model.tokenizer)

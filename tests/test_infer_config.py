@@ -23,7 +23,7 @@ from inference.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p for d in ("infer/wan", "infer/tiny") for p in (REPO / "configs" / d).glob("*.json"))
+SHIPPED = sorted(p for d in ("infer/wan", "infer/wan22", "infer/tiny") for p in (REPO / "configs" / d).glob("*.json"))
 
 # Every key of docs/lightx2v_formats.md "Inference JSON" (+ the teacher keys), as a user's file has them.
 LIGHTX2V_DISTILL = {
