@@ -164,13 +164,14 @@ lanes() {  # everything after the T2V teacher, side by side: I2V teacher -> I2V 
 # Fewer steps as a config: the shipped T2V recipe (ODE init, then DMD) with only the student's step list changed.
 # The students go to runs/few_steps/<n>step/model (bf16, with schedule.json); they are not tracked (docs/results.md).
 FEW_STEPS=${FEW_STEPS:-"2:[1000,500] 1:[1000]"}
+FEW_STEPS_BANK=${FEW_STEPS_BANK:-512}  # trajectories (the 4-step recipe: 1024; halved to fit a 2-core CPU session)
 # The first student's trajectory bank serves the others (their sigmas are a sub-list of its: distill/ode.py).
 few_step_student() {  # n, step list, trajectory bank (default: its own)
   local n=$1 steps=$2 D=runs/few_steps/${1}step
   local bank=${3:-$D-ode/trajectories}
   mkdir -p runs/few_steps/logs
   [ -f $D-ode/model/config.json ] || $LAUNCH train.py --config configs/train/tiny/t2v_ode.yaml run_dir=$D-ode \
-      ode.trajectories=$bank "distill.denoising_step_list=$steps" $EXTRA
+      ode.trajectories=$bank ode.num_trajectories=$FEW_STEPS_BANK "distill.denoising_step_list=$steps" $EXTRA
   $LAUNCH train.py --config configs/train/tiny/t2v_dmd.yaml run_dir=$D-dmd model.generator_init=$D-ode/model \
       "distill.denoising_step_list=$steps" logging.sample_every=0 $EXTRA
   $PY -m distill.export --run $D-dmd --out $D/model --dtype bf16
