@@ -37,7 +37,7 @@ TINY = dict(dim=8, dec_dim=12, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
 MEAN, STD = (0.1, -0.2, 0.3, 0.5), (1.5, 0.7, 2.0, 1.1)
 # The real size, counted here on `meta` and equal to diffusers' AutoencoderKLWan built with the config of its
 # conversion script (`vae22_diffusers_config`): 196 tensors, 704,688,668 parameters (encoder 149.6M, decoder
-# 555.0M); in fp32 that is 2.82 GB, the size of the released Wan2.2_VAE.pth.
+# 555.0M), 2.82 GB in fp32.
 REAL_TENSORS, REAL_PARAMS = 196, 704_688_668
 
 
