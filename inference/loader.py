@@ -310,13 +310,15 @@ def check_vae_tiling(folder: Path, tile: int, overlap: int) -> None:
     if is_diffusers_folder(folder):
         return
     entry = read_components(folder)["vae"]
-    if entry["type"] != "wan_vae":
+    if entry["type"] not in ("wan_vae", "wan22_vae"):
         raise ValueError(f"use_tiling_vae needs the Wan VAE; {folder} has a {entry['type']} (the tiny PCA codec "
                          "works on independent 4x4x4 blocks and needs no tiling)")
     from models.vae import WanVAE
+    from models.vae22 import Wan22VAE
 
     with torch.device("meta"):
-        WanVAE(**entry.get("config", {})).enable_tiling(tile, overlap)
+        cls = Wan22VAE if entry["type"] == "wan22_vae" else WanVAE
+        cls(**entry.get("config", {})).enable_tiling(tile, overlap)
 
 
 def enable_vae_tiling(vae, tile: int, overlap: int) -> None:
