@@ -171,6 +171,8 @@ def generation_overrides(cfg: InferConfig, height: float | None, width: float | 
         if shift <= 0:
             raise InputError(f"shift must be > 0, got {shift}")
         out["sample_shift"] = float(shift)
+    if cfg_scale is not None and isinstance(cfg.sample_guide_scale, list) and cfg_scale == default_cfg_scale(cfg):
+        cfg_scale = None  # Wan2.2 MoE: the field shows the high-noise scale; left as is, the [high, low] pair stays
     if cfg_scale is not None:
         if cfg_scale < 0:
             raise InputError(f"CFG scale must be >= 0 (1 = off), got {cfg_scale}")
@@ -234,7 +236,7 @@ def run_generation(pipe: WanPipeline, prompt: str, *, negative_prompt: str | Non
 # ---- the page -----------------------------------------------------------------------------------------------------
 def default_cfg_scale(cfg: InferConfig) -> float:
     """The CFG field's default: the config's guide scale when it enables CFG, else 1 (off; distilled models)."""
-    return float(cfg.sample_guide_scale) if cfg.enable_cfg else 1.0
+    return cfg.guide_scales()[0] if cfg.enable_cfg else 1.0  # Wan2.2 MoE [high, low]: the high-noise scale
 
 
 def build_ui(pipe: WanPipeline, cfg: InferConfig, lora_dir: str | Path | None = None,

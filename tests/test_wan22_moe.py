@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -239,3 +240,34 @@ def test_distill_config_errors():
         d.replace(boundary_step_index=5)
     with pytest.raises(ValueError, match=r"few-step student: set denoising_step_list"):
         d.replace(denoising_step_list=None, boundary_step_index=None)
+
+
+# ---- serving -------------------------------------------------------------------------------------------------
+def test_server_and_web_ui_serve_a_moe_model(folders, tmp_path):
+    import httpx
+
+    from inference.server import BackgroundServer, build_manager, create_app
+    from inference.webui import default_cfg_scale, generation_overrides, run_generation
+
+    cfg_file = tmp_path / "moe.json"
+    data = json.loads((REPO / "configs/infer/wan22/wan22_moe_t2v.json").read_text())
+    cfg_file.write_text(json.dumps({**data, **SMALL, "infer_steps": 2}))
+    manager = build_manager(cfg_file, folders["t2v_official"], output_dir=tmp_path / "out")
+    server = BackgroundServer(create_app(manager)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30.0) as client:
+            task_id = client.post("/v1/tasks/video/", json={"prompt": PROMPT}).json()["task_id"]
+            for _ in range(300):
+                status = client.get(f"/v1/tasks/{task_id}/status").json()
+                if status["status"] in ("completed", "failed"):
+                    break
+                time.sleep(0.1)
+            assert status["status"] == "completed", status
+    finally:
+        server.stop()
+    cfg = manager.pipe.cfg
+    assert default_cfg_scale(cfg) == 4.0  # the high-noise expert's scale
+    assert "sample_guide_scale" not in generation_overrides(cfg, None, None, None, None, None, 4.0)  # pair kept
+    assert generation_overrides(cfg, None, None, None, None, None, 2.0)["sample_guide_scale"] == 2.0  # both experts
+    result = run_generation(manager.pipe, PROMPT, output_dir=tmp_path / "ui")
+    assert result.frames.shape[0] == 5 and result.nfe == 2 * 2
