@@ -15,7 +15,9 @@ Wan2.1 causal design of models/vae.py with four changes (official repository git
 
 The causal conv, RMS norm, residual, attention and resample blocks are those of models/vae.py, with its
 `FeatureCache` chunking: the encoder runs on pixel chunks [1], [4], [4], ..., the decoder on one latent frame at
-a time, and the result equals a one-shot pass. Spatial tiling (`enable_tiling`) is WanVAE's, shared.
+a time, and the result equals a one-shot pass. Spatial tiling (`enable_tiling`) is WanVAE's, shared. The config
+read off an official file and the key map to diffusers' `AutoencoderKLWan(is_residual=True)` are in
+models/vae22_keys.py.
 
     vae = Wan22VAE()                                     # dim 160, dec_dim 256, z_dim 48: the real size
     tiny = Wan22VAE(dim=8, dec_dim=12, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)   # CPU tests

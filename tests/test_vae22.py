@@ -362,3 +362,14 @@ def test_real_size_matches_diffusers():
     out, out_ref = vae.decode(z), ref.decode(z * std + mean).sample
     assert out.shape == video.shape and 0.5 < (out.abs() < 1).float().mean()
     assert (out - out_ref).abs().max() <= 1e-4
+
+
+def test_registry_spec_builds_the_real_size():
+    """models/registry.py `wan2.2-ti2v-5b` names this VAE with the official sizes."""
+    from models.registry import get_spec
+
+    entry = get_spec("wan2.2-ti2v-5b").vae
+    assert entry["type"] == Wan22VAE.COMPONENT_TYPE
+    with torch.device("meta"):
+        vae = Wan22VAE(**{k: v for k, v in entry.items() if k != "type"})
+    assert sum(p.numel() for p in vae.parameters()) == REAL_PARAMS and vae.z_dim == 48
