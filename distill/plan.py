@@ -229,10 +229,16 @@ def latent_grid(cfg: TrainConfig) -> tuple[int, int, int]:
 
 
 def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node: int = 8,
-             offload: bool = False) -> Plan:
-    """Per-GPU memory of `cfg` trained with `engine` on `gpus` processes (see the module docstring)."""
+             offload: bool = False, experts: bool = True) -> Plan:
+    """Per-GPU memory of `cfg` trained with `engine` on `gpus` processes (see the module docstring); a two-expert
+    teacher (Wan2.2 A14B) is planned by distill/moe_plan.py (`experts=False`: as if it were one DiT)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if experts:
+        from distill.moe_plan import estimate_experts, two_experts
+
+        if two_experts(cfg):
+            return estimate_experts(cfg, engine, gpus, gpus_per_node, offload)
     offload = offload or cfg.distributed.cpu_offload
     config = dit_config(cfg)
     n, n_linear, n_block, n_adapter = count_params(config, cfg)

@@ -315,3 +315,32 @@ def test_config_errors(moe_teacher, tmp_path, tiny_t2v_dir):
             trainer_for(_cfg(tmp_path / "run2", moe_teacher, "max_steps=1"))
     finally:
         (moe_teacher / "moved.json").rename(moe_teacher / EXPERTS_FILE)
+
+
+# ---- planner -----------------------------------------------------------------------------------------------------
+def test_planner_counts_expert_copies(moe_teacher, tmp_path):
+    from distill.moe_plan import ExpertPlan, two_experts
+    from distill.plan import estimate
+
+    cfg = _cfg(tmp_path / "run", moe_teacher)
+    assert two_experts(cfg) and not two_experts(dmd_cfg(tmp_path / "one", moe_teacher / HIGH))
+    one = estimate(cfg, "fsdp", 4, experts=False).memory
+    for gen, critic in (("per_expert", "per_expert"), ("per_expert", "shared"), ("shared", "shared")):
+        cfg.dmd.generator, cfg.dmd.critic = gen, critic
+        g, c = (2 if gen == "per_expert" else 1), (2 if critic == "per_expert" else 1)
+        plan = estimate(cfg, "fsdp", 4)
+        assert isinstance(plan, ExpertPlan) and plan.experts == {"generator": g, "critic": c, "teacher": 2}
+        m = plan.memory
+        assert m["AdamW states (2 x fp32)"] == pytest.approx(one["AdamW states (2 x fp32)"] * (g + c) / 2)
+        assert m["frozen parameters (teacher / shared base)"] == pytest.approx(
+            2 * one["frozen parameters (teacher / shared base)"])
+        assert m["EMA (fp32)"] == pytest.approx(g * one["EMA (fp32)"])
+        assert m["gradients (fp32, one network at a time)"] == pytest.approx(
+            c * one["gradients (fp32, one network at a time)"])
+        assert m["activations"] == one["activations"]
+        assert m["peak"] == pytest.approx(max(m["peak in backward"], m["peak in optimizer step"]))
+    # offloaded: the same items in CPU memory
+    cfg.dmd.generator = cfg.dmd.critic = "per_expert"
+    off = estimate(cfg, "fsdp", 4, offload=True)
+    assert off.cpu_memory["EMA (fp32)"] == pytest.approx(2 * estimate(cfg, "fsdp", 4, offload=True,
+                                                                      experts=False).cpu_memory["EMA (fp32)"])
