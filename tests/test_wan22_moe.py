@@ -271,3 +271,43 @@ def test_server_and_web_ui_serve_a_moe_model(folders, tmp_path):
     assert generation_overrides(cfg, None, None, None, None, None, 2.0)["sample_guide_scale"] == 2.0  # both experts
     result = run_generation(manager.pipe, PROMPT, output_dir=tmp_path / "ui")
     assert result.frames.shape[0] == 5 and result.nfe == 2 * 2
+
+
+# ---- parity with diffusers' two-transformer WanPipeline --------------------------------------------------------
+def test_moe_sampler_matches_diffusers_wan_pipeline(folders, monkeypatch):
+    """diffusers' WanPipeline (transformer = high-noise, transformer_2 = low-noise, boundary_ratio,
+    guidance_scale / guidance_scale_2) on the same folder, noise, text embeddings and Wan's UniPC grid: the same
+    final latent. Its scheduler is handed Wan's grid (diffusers' default grid is offset by 0.001, see
+    tests/test_schedulers.py)."""
+    diffusers = pytest.importorskip("diffusers")
+    n, shift, scales = 6, 12.0, (4.0, 2.5)
+    folder = folders["t2v_diffusers"]
+    ours = load_pipeline(teacher("t2v", infer_steps=n, sample_shift=shift, sample_guide_scale=list(scales)), folder)
+    latents = {}
+    real_sample = pipeline_module.sample
+
+    def keep(*args, **kw):
+        latents["noise"] = args[1].clone()
+        latents["ours"] = real_sample(*args, **kw)
+        return latents["ours"]
+
+    monkeypatch.setattr(pipeline_module, "sample", keep)
+    ours.generate(PROMPT)
+    ref = diffusers.WanPipeline.from_pretrained(str(folder))
+    sched = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, num_train_timesteps=1000,
+        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+    wan_grid = np.linspace(float(np.float32(0.999)), 0.0, n + 1)[:-1]
+    set_ts = sched.set_timesteps
+    sched.set_timesteps = lambda num, device=None, **kw: set_ts(sigmas=wan_grid, device=device)
+    ref.scheduler = sched
+    cond = ours.encode_text([PROMPT])
+    uncond = ours.encode_text([ours.cfg.sample_neg_prompt])
+    routed = []
+    for name in ("transformer", "transformer_2"):
+        getattr(ref, name).register_forward_pre_hook(lambda m, a, kw, n_=name: routed.append(n_), with_kwargs=True)
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents["noise"], num_inference_steps=n,
+               guidance_scale=scales[0], guidance_scale_2=scales[1], height=32, width=32, num_frames=5,
+               output_type="latent").frames
+    assert routed[::2] == ["transformer" if t >= 875 else "transformer_2" for t in sched.timesteps]
+    torch.testing.assert_close(latents["ours"], want.float(), atol=2e-4, rtol=1e-4)
