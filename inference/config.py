@@ -160,6 +160,7 @@ class InferConfig:
     boundary_step_index: int | None = None  # distill: steps [0, index) high_noise_model; None: by `boundary`
     high_noise_original_ckpt: str | None = None  # distilled expert files (else distill_models/<expert>/)
     low_noise_original_ckpt: str | None = None
+    use_image_encoder: bool | None = None  # LightX2V's Wan2.2 I2V configs say false: the experts take no CLIP
     # ---- end of MoE keys ----
     attention_type: str = "sdpa"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU

@@ -63,6 +63,10 @@ def check_moe_keys(cfg: InferConfig) -> None:
         if not 0 <= cfg.boundary_step_index <= n:
             raise ValueError(f"boundary_step_index must be in [0, {n}] (steps before it run high_noise_model), got "
                              f"{cfg.boundary_step_index}")
+    if cfg.use_image_encoder is not None and cfg.use_image_encoder == cfg.is_moe:
+        raise ValueError(f"use_image_encoder {str(cfg.use_image_encoder).lower()} does not fit model_cls "
+                         f"{cfg.model_cls!r}: the Wan2.2 A14B experts have no CLIP branch (false), a Wan2.1 I2V DiT "
+                         "needs its CLIP features (true, or leave the key out)")
     for i, spec in enumerate(cfg.lora_configs):
         if cfg.is_moe and spec.name not in EXPERT_NAMES:
             raise ValueError(f"lora_configs[{i}].name must name the expert it applies to, one of "

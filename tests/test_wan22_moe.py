@@ -228,6 +228,7 @@ def test_errors_name_what_is_wrong(folders, tmp_path):
     (dict(boundary_step_index=2), r"boundary_step_index .* needs model_cls 'wan2.2_moe_distill'"),
     (dict(denoising_step_list=[1000, 500], enable_cfg=False), r"use model_cls\s+'wan2.2_moe_distill'"),
     (dict(parallel={"seq_p_size": 2}), r"parallel block .* Wan2.2 MoE"),
+    (dict(use_image_encoder=True), r"use_image_encoder true does not fit model_cls 'wan2.2_moe'"),
 ])
 def test_config_errors(keys, match):
     with pytest.raises(ValueError, match=match):
