@@ -344,3 +344,19 @@ def test_planner_counts_expert_copies(moe_teacher, tmp_path):
     off = estimate(cfg, "fsdp", 4, offload=True)
     assert off.cpu_memory["EMA (fp32)"] == pytest.approx(2 * estimate(cfg, "fsdp", 4, offload=True,
                                                                       experts=False).cpu_memory["EMA (fp32)"])
+
+
+def test_a14b_config_header_matches_the_planner():
+    import re
+
+    from distill.plan import estimate
+
+    path = REPO / "configs/train/wan/t2v_a14b_dmd.yaml"
+    head = re.sub(r"\s+", " ", " ".join(line.lstrip("# ") for line in path.read_text().splitlines()
+                                        if line.startswith("#")))
+    cfg = load_train_config(path)
+    plan = estimate(cfg, "fsdp", 8, offload=True)
+    assert float(re.search(r"peak (\d+\.\d) GiB per GPU", head).group(1)) == pytest.approx(plan.peak, abs=0.051)
+    assert float(re.search(r"host RAM (\d+) GiB per node", head).group(1)) == pytest.approx(
+        plan.host_memory["peak per node"], abs=0.51)
+    assert "accelerate launch" not in head  # no multi-GPU launch until expert pairs run under DDP / FSDP2

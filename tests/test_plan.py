@@ -96,7 +96,8 @@ def test_tensor_level_cpu_measurement_sees_a_transient_peak():
 
 
 # ---- launch lines and host RAM (configs/train/wan/*.yaml headers) -------------------------------------------
-WAN_YAMLS = sorted((REPO / "configs/train/wan").glob("*.yaml"))
+# two-expert (Wan2.2 A14B) configs have no multi-GPU launch yet: tests/test_moe_distill.py checks their headers
+WAN_YAMLS = sorted(p for p in (REPO / "configs/train/wan").glob("*.yaml") if "a14b" not in p.stem)
 
 
 def header_plan(path: Path) -> dict:
