@@ -220,6 +220,26 @@ step plan_t2v_14b_fsdp_offload "$PY" train.py --config configs/train/wan/t2v_14b
 step plan_i2v_14b_fsdp_offload "$PY" train.py --config configs/train/wan/i2v_14b_480p_dmd.yaml --dry-run \
   --plan-gpus 8 --plan-engine fsdp --plan-offload
 
+# ---- Wan2.2 A14B: two-expert mini folders and teacher inference (docs/wan22.md) -------------------------------
+step mini_wan22_t2v_official mini --task t2v --moe --layout official --out "$M/wan22_t2v"
+step mini_wan22_t2v_diffusers mini --task t2v --moe --layout diffusers --out "$M/wan22_t2v_diffusers"
+step mini_wan22_i2v_official mini --task i2v --moe --layout official --sharded --out "$M/wan22_i2v"
+step mini_wan22_i2v_diffusers mini --task i2v --moe --layout diffusers --out "$M/wan22_i2v_diffusers"
+derive configs/infer/wan22/wan22_moe_t2v.json "$C/wan22_moe_t2v.json" "${SMALL[@]}" infer_steps=4
+derive configs/infer/wan22/wan22_moe_i2v.json "$C/wan22_moe_i2v.json" "${SMALL[@]}" infer_steps=4
+derive configs/infer/wan22/wan22_moe_t2v.json "$C/wan22_moe_t2v_offload.json" "${SMALL[@]}" infer_steps=4 \
+  cpu_offload=true 'offload_granularity="model"'
+step infer_wan22_t2v_teacher infer --config "$C/wan22_moe_t2v.json" --model_path "$M/wan22_t2v" --prompt "$P" \
+  --save_result_path "$O/wan22_t2v.mp4"
+step infer_wan22_t2v_teacher_diffusers infer --config "$C/wan22_moe_t2v.json" --model_path "$M/wan22_t2v_diffusers" \
+  --prompt "$P" --save_result_path "$O/wan22_t2v_diffusers.mp4"
+step infer_wan22_t2v_teacher_offload infer --config "$C/wan22_moe_t2v_offload.json" --model_path "$M/wan22_t2v" \
+  --prompt "$P" --save_result_path "$O/wan22_t2v_offload.mp4"
+step infer_wan22_i2v_teacher infer --config "$C/wan22_moe_i2v.json" --model_path "$M/wan22_i2v" \
+  --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_i2v.mp4"
+step infer_wan22_i2v_teacher_diffusers infer --config "$C/wan22_moe_i2v.json" --model_path "$M/wan22_i2v_diffusers" \
+  --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_i2v_diffusers.mp4"
+
 echo
 echo "rehearsal in $WORK ($SECONDS s):"
 printf '%s\n' "${RESULTS[@]}"
