@@ -234,11 +234,17 @@ class WanPipeline:
             return None  # on a torchrun group rank 0 alone decodes (docs/parallel_inference.md)
 
         t0 = time.perf_counter()
+        latent = self.final_latent(latent, y)
         with self._stage("vae"):
             video = self.vae.decode(latent.float())
         out = to_uint8(video)
         self.timings.add("vae_decode", time.perf_counter() - t0)
         return out
+
+    def final_latent(self, latent: Tensor, y: Tensor | None) -> Tensor:
+        """The sampled latent as the VAE decodes it; TI2V puts the image latent back on frame 0
+        (inference/ti2v_pipeline.py)."""
+        return latent
 
     def _guidance(self, cfg: InferConfig, timesteps: Tensor, use_cfg: bool
                   ) -> tuple[Guidance | list[Guidance], list[int] | None]:
