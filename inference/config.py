@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import types
-import typing
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
-from pydantic_core import PydanticSerializationError, to_json
-
+from inference.config_types import check_field_types, describe_type  # noqa: F401 (describe_type: re-exported)
 from inference.moe import MOE_MODEL_CLASSES, check_moe_keys
 from inference.schedule import DEFAULT_UPDATE, StudentSchedule
 
@@ -35,7 +29,8 @@ WAN_NEGATIVE_PROMPT = (
 TASKS = ("t2v", "i2v")
 # Wan2.2 A14B (docs/wan22.md): wan2.2_moe (two experts, teacher sampler) and wan2.2_moe_distill (a few-step student:
 # two distilled experts, or base experts + one distill LoRA per expert); see inference/moe.py.
-MODEL_CLASSES = ("wan2.1", "wan2.1_distill", *MOE_MODEL_CLASSES)
+# wan2.2: the dense Wan2.2 TI2V-5B, task t2v or i2v (inference/ti2v_pipeline.py).
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill", *MOE_MODEL_CLASSES, "wan2.2")
 DISTILL_MODEL_CLASSES = ("wan2.1_distill", "wan2.2_moe_distill")
 # The other Wan names LightX2V's `--model_cls` accepts (its runner registry); each needs a model or a sampler this
 # project does not have, so it is refused with what it is instead of being run as plain Wan2.1.
@@ -278,106 +273,6 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-# ---- the typed schema: each key checked against its dataclass annotation ----------------------------------------
-# Strict JSON types, driven by the field annotations (so keys added later get the same checks): "17" is not an
-# integer and "false" is not a boolean (a non-empty string would otherwise read as true); NaN/inf are refused;
-# nested dataclasses (lora_configs entries) refuse keys they do not have. Integral floats (1000.0) count as ints.
-_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-@functools.cache
-def _adapter(hint: Any) -> TypeAdapter:
-    return TypeAdapter(hint, config=_STRICT)
-
-
-def _plain(value: Any) -> Any:
-    """A value as JSON would carry it: any sequence or mapping (tuples, OmegaConf lists from a training config) as
-    a list / dict, numpy and torch scalars as Python numbers, integral floats (1000.0) as ints."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, str | bytes | bool) or value is None:
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence):
-        return [_plain(v) for v in value]
-    return value
-
-
-def describe_type(hint: Any) -> str:
-    """A reader's name for a field annotation: `list[LoraSpec] | None` -> 'a list of {path: a string, ...} or null'."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(a) for a in args)
-    if origin in (list, tuple):
-        return f"a list (of {describe_type(args[0])})" if args else "a list"
-    if origin is dict or hint is dict:
-        return "an object"
-    if dataclasses.is_dataclass(hint):
-        inner = typing.get_type_hints(hint)
-        return "{" + ", ".join(f"{f.name}: {describe_type(inner[f.name])}" for f in dataclasses.fields(hint)) + "}"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
-             Any: "any value"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_field_types(obj: Any) -> None:
-    """Check (and normalise: dicts -> dataclasses, ints -> floats) every field of the dataclass `obj` in place.
-
-    Raises ValueError naming the key (with its position inside lists/objects), the value and the expected type."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        try:
-            checked = _adapter(hints[f.name]).validate_json(to_json(_plain(value)))
-        except PydanticSerializationError:
-            raise ValueError(f"config key {f.name}: {value!r} is not a JSON value; expected "
-                             f"{describe_type(hints[f.name])}") from None
-        except ValidationError as e:
-            raise ValueError(_type_message(f.name, value, hints[f.name], e.errors()[0])) from None
-        setattr(obj, f.name, checked)
-
-
-def _untagged(value: Any, loc: tuple) -> tuple:
-    """A pydantic error location without the union-member tags ('float', 'list[float]') of a union annotation."""
-    out = []
-    for part in loc:
-        if isinstance(part, str) and not isinstance(value, dict) and not hasattr(value, part):
-            continue  # a union member's tag, not a key
-        out.append(part)
-        value = value[part] if isinstance(value, dict | list | tuple) else getattr(value, part)
-    return tuple(out)
-
-
-def _at(value: Any, loc: tuple) -> Any:
-    """The part of the user's (un-normalised) value at a pydantic error location."""
-    for part in loc:
-        if isinstance(value, dict):
-            value = value[part]
-        elif isinstance(value, list | tuple):
-            value = value[part]
-        else:
-            value = getattr(value, str(part))
-    return value
-
-
-def _type_message(name: str, value: Any, hint: Any, err: dict[str, Any]) -> str:
-    err = {**err, "loc": _untagged(value, err["loc"]) if err["type"] != "missing" else err["loc"]}
-    where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-    expected = f"{name} must be {describe_type(hint)}"
-    if err["type"] == "missing":
-        return f"config key {where} is missing in {_at(value, err['loc'][:-1])!r}; {expected}"
-    got = _at(value, err["loc"])
-    msg = f"config key {where} = {got!r} ({type(got).__name__}): {err['msg'].lower()}; {expected}"
-    if isinstance(got, str) and err["type"] == "bool_type":
-        msg += " (write JSON true/false without quotes)"
-    elif isinstance(got, str) and err["type"] in ("int_type", "float_type"):
-        msg += " (write the number without quotes)"
-    return msg
-
-
 def config_from_dict(data: dict[str, Any], **overrides: Any) -> InferConfig:
     """Build an `InferConfig` from LightX2V-style keys; unknown keys warn, attention keys map to ours."""
     if not isinstance(data, dict):
@@ -432,7 +327,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", help="Wan-style model folder (default: the config's model_path)")
     p.add_argument("--model_cls", help="override the config's model_cls: wan2.1 (base/teacher) or wan2.1_distill "
                                        "(few-step student: loads distill_models/); wan2.2_moe / wan2.2_moe_distill "
-                                       "(Wan2.2 A14B's two experts); other LightX2V names are refused")
+                                       "(Wan2.2 A14B's two experts); wan2.2 (Wan2.2 TI2V-5B); other LightX2V "
+                                       "names are refused")
 
 
 def positive_int(text: str) -> int:

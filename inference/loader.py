@@ -182,7 +182,8 @@ def with_folder_schedule(cfg: InferConfig, folder: Path) -> InferConfig:
                              f"sample_shift in the config")
         return cfg
     if not cfg.is_distill:
-        return cfg.replace(model_cls="wan2.2_moe_distill" if cfg.is_moe else "wan2.1_distill", denoising_step_list=list(trained.denoising_step_list),
+        student = "wan2.2_moe_distill" if cfg.is_moe else "wan2.1_distill"
+        return cfg.replace(model_cls=student, denoising_step_list=list(trained.denoising_step_list),
                            sample_shift=trained.shift, distill_update=trained.update, enable_cfg=False)
     if not cfg.schedule().same_timesteps(trained):
         raise ValueError(f"the config's schedule ({cfg.schedule().describe()}) differs from the one the student in "

@@ -1,5 +1,6 @@
-"""Mini Wan2.1 (and, through models/mini_moe.py, Wan2.2 A14B two-expert) model folders: the real file layout, architectures and key names at reduced width and depth, with
-seeded random weights, for rehearsing every real-model command on a CPU in seconds.
+"""Mini Wan2.1 model folders: the real file layout, architectures and key names at reduced width and depth, with
+seeded random weights, for rehearsing every real-model command on a CPU in seconds (Wan2.2 A14B two-expert
+folders: models/mini_moe.py, `write_mini(..., moe=True)`).
 
 Two layouts of the same weights (the same seed gives the same tensors in both):
 

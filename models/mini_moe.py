@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.loading import DIT_CONFIG, DIT_WEIGHTS, write_safetensors
-from models.mini import MiniModel, _random, build_mini, write_shared_files, write_sharded_safetensors
+from models.mini import MiniModel, _random, build_mini, write_sharded_safetensors, write_shared_files
 from models.moe import EXPERTS
 from models.wan_model import WanModel
 
