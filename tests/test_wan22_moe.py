@@ -313,3 +313,28 @@ def test_moe_sampler_matches_diffusers_wan_pipeline(folders, monkeypatch):
                output_type="latent").frames
     assert routed[::2] == ["transformer" if t >= 875 else "transformer_2" for t in sched.timesteps]
     torch.testing.assert_close(latents["ours"], want.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_real_size_expert_config_builds_the_registry_expert_on_meta(tmp_path):
+    """The official I2V-A14B expert config.json names no clip_dim (nor text_dim): read as an expert, it builds the
+    registry's Wan2.2 I2V expert (no CLIP branch) at real size, on `meta`."""
+    from models.components import build_dit
+    from models.moe_loading import expert_config
+
+    real = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": 5120, "eps": 1e-06, "ffn_dim": 13824,
+            "freq_dim": 256, "in_dim": 36, "model_type": "i2v", "num_heads": 40, "num_layers": 40, "out_dim": 16,
+            "text_len": 512}
+    (tmp_path / "config.json").write_text(json.dumps(real))
+    config = expert_config(tmp_path, diffusers=False)
+    assert config["clip_dim"] is None
+    ours, spec = build_dit(config, "meta"), build_dit(MODEL_SPECS["wan2.2-i2v-a14b"].dit, "meta")
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got == {k: tuple(v.shape) for k, v in spec.state_dict().items()}
+    assert not any("img_emb" in k or "k_img" in k for k in got)
+
+
+def test_diffusers_reads_the_mini_moe_folders(folders):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(folders["i2v_diffusers"]))
+    assert pipe.transformer_2 is not None and pipe.image_encoder is None and pipe.config.boundary_ratio == 0.9
+    assert pipe.transformer.config.image_dim is None and pipe.transformer.config.in_channels == 36
