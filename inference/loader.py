@@ -15,6 +15,7 @@ from inference.lora import apply_lora_configs
 from inference.lora_keys import resolve_lora_path
 from inference.pipeline import WanPipeline
 from inference.schedule import SCHEDULE_FILE, read_schedule
+from inference.ti2v_pipeline import TI2VPipeline, check_ti2v_request
 from models.components import load_dit
 from models.diffusers_folder import load_any_folder
 from models.loading import DISTILL_DIR, DISTILL_NAMES, DIT_WEIGHTS, find_dit_weights
@@ -140,6 +141,7 @@ def check_weight_files(cfg: InferConfig, folder: Path, on_base_weights: str = "e
     """Everything about the weight files that can be known without reading them: distilled weights for a distill
     schedule, and no truncated safetensors file (DiT and LoRAs), each named."""
     moe.check_moe_request(cfg, folder)
+    check_ti2v_request(cfg, folder)  # model_cls wan2.2 <-> a TI2V-5B folder, and its sizes
     if cfg.is_moe:
         files = _moe_files(cfg, folder, on_base_weights)
     else:
@@ -216,6 +218,8 @@ def config_for_folder(folder: str | Path, **overrides) -> InferConfig:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a model folder (pass an inference config)")
     task = json.loads(cfg_file.read_text()).get("model_type", "t2v")
+    if task == "ti2v":  # Wan2.2 TI2V-5B: LightX2V's model_cls wan2.2, text-only unless an image is given
+        task, moe_cls = "t2v", {"model_cls": "wan2.2"}
     return InferConfig(**{"task": task, "model_path": str(folder), **moe_cls, **overrides})
 
 
@@ -263,7 +267,9 @@ def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Pat
         stages = _place_components(cfg, comps, device, offloads, dit_placed=True)
         return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype,
                            offload=stages, experts_offloaded=offloaded)
-    comps = load_any_folder(folder, cfg.task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
+    ti2v = check_ti2v_request(cfg, folder)  # TI2V-5B: no CLIP to load, TI2VPipeline (inference/ti2v_pipeline.py)
+    task = "t2v" if ti2v else cfg.task
+    comps = load_any_folder(folder, task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
                             dit_ckpt=dit_ckpt, dtype=dtype, device=home, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
     if cfg.text_len is not None and cfg.text_len != comps.dit.text_len:  # accepted, not honoured: say so
@@ -272,8 +278,9 @@ def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Pat
     if cfg.use_tiling_vae:
         enable_vae_tiling(comps.vae, cfg.vae_tile_size, cfg.vae_tile_overlap)
     stages = _place_components(cfg, comps, device, offloads)
-    return WanPipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype,
-                       offload=stages)
+    pipeline = TI2VPipeline if ti2v else WanPipeline
+    return pipeline(cfg, comps.dit, comps.vae, comps.text_encoder, comps.image_encoder, device, dtype,
+                    offload=stages)
 
 
 # ---- offload (inference/offload.py) ----------------------------------------------------------------------

@@ -63,9 +63,11 @@ def check_moe_keys(cfg: InferConfig) -> None:
         if not 0 <= cfg.boundary_step_index <= n:
             raise ValueError(f"boundary_step_index must be in [0, {n}] (steps before it run high_noise_model), got "
                              f"{cfg.boundary_step_index}")
-    if cfg.use_image_encoder is not None and cfg.use_image_encoder == cfg.is_moe:
+    no_clip = cfg.is_moe or cfg.model_cls == "wan2.2"  # the A14B experts and TI2V-5B (inference/ti2v_pipeline.py)
+    if cfg.use_image_encoder is not None and cfg.use_image_encoder == no_clip:
         raise ValueError(f"use_image_encoder {str(cfg.use_image_encoder).lower()} does not fit model_cls "
-                         f"{cfg.model_cls!r}: the Wan2.2 A14B experts have no CLIP branch (false), a Wan2.1 I2V DiT "
+                         f"{cfg.model_cls!r}: the Wan2.2 A14B experts and TI2V-5B have no CLIP branch (false), a "
+                         "Wan2.1 I2V DiT "
                          "needs its CLIP features (true, or leave the key out)")
     for i, spec in enumerate(cfg.lora_configs):
         if cfg.is_moe and spec.name not in EXPERT_NAMES:
@@ -128,6 +130,8 @@ class ExpertSwitch:
             off = offloader(self.experts[i])
             if off is not None:
                 off.release()
+        if index is None or index == self.active:
+            self.active = None
 
 
 def describe_plan(plan: Sequence[int]) -> str:
