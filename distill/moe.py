@@ -1,10 +1,12 @@
 """Two-expert (Wan2.2 A14B) teachers and students in training: docs/moe_distillation.md.
 
-A two-expert folder holds the shared components (VAE / codec, umT5, tokenizer) at its root and one ordinary DiT
-folder per expert, `high_noise_model/` (timesteps t >= boundary * 1000) and `low_noise_model/` (below), each with
-config.json and its weights (`diffusion_pytorch_model*.safetensors`, or `distill_models/distill_model.safetensors`
-for a student). The official folders do not store the boundary (Wan2.2 keeps it in its code: T2V 0.875, I2V
-0.900); ours write it to `experts.json` next to the components, with the student steps each expert owns.
+A two-expert folder (the official Wan2.2 A14B layout, read by models/moe_loading.py as inference reads it) holds
+the shared components (VAE / codec, umT5, tokenizer) at its root and one DiT folder per expert, `high_noise_model/`
+(timesteps t >= boundary * 1000) and `low_noise_model/` (below), each with config.json and its base weights
+(`diffusion_pytorch_model*.safetensors`). A student keeps each expert's config.json there and its weights at
+LightX2V's path `distill_models/<expert>/distill_model.safetensors`. The official folders do not store the boundary
+(Wan2.2 keeps it in its code: T2V 0.875, I2V 0.900); ours write it to `experts.json` at the root, with the student
+steps each expert owns.
 
 - Teacher: `pretrain.t_range` fine-tunes one expert on its timesteps (`range_flow_matching_loss`); `assemble`
   (`python -m distill.moe assemble`) writes the two-expert folder.
@@ -36,6 +38,15 @@ from inference.schedule import StudentSchedule, write_schedule
 from models.components import copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, DIT_WEIGHTS
 from models.moe import EXPERTS, ExpertPair
+from models.moe_loading import (
+    LoadedExperts,
+    diffusers_boundary,
+    expert_config,
+    expert_dirs,
+    find_expert_weights,
+    load_expert,
+    moe_layout,
+)
 
 if TYPE_CHECKING:
     from distill.config import TrainConfig
@@ -43,53 +54,41 @@ if TYPE_CHECKING:
 HIGH, LOW = EXPERTS  # "high_noise_model", "low_noise_model"
 EXPERTS_FILE = "experts.json"
 LORA_DIR = "loras"  # <student>/loras/{high,low}_noise_model.safetensors (the Wan2.2-Lightning file names)
-DIT_ATTRS = ("text_len", "model_type", "in_dim", "out_dim", "dim", "text_dim", "num_layers", "num_heads")
 
 
-class DiTPair(ExpertPair):
-    """An ExpertPair that answers the DiT attributes read by trainers and the pipeline (`text_len`, ...) from its
-    high-noise expert: both experts share one architecture (checked by `pair_of`)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in DIT_ATTRS:
-                raise
-            return getattr(super().__getattr__(HIGH), name)
-
-
-def pair_of(high: nn.Module, low: nn.Module, boundary: float) -> DiTPair:
-    """A DiTPair of two DiTs of one architecture (their config.json fields must agree)."""
+def pair_of(high: nn.Module, low: nn.Module, boundary: float) -> LoadedExperts:
+    """An ExpertPair of two DiTs of one architecture (their config.json fields must agree) that answers the DiT
+    attributes the trainers and the pipeline read (`config`, `text_len`, `model_type`) from its experts."""
     a, b = getattr(high, "config", None), getattr(low, "config", None)
     if a is not None and b is not None and a != b:
         diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         raise ValueError(f"the two experts differ in architecture ({', '.join(diff)}): both must have one config")
-    return DiTPair(high, low, boundary)
+    return LoadedExperts(high, low, boundary)
 
 
 # ---- folders ----------------------------------------------------------------------------------------------------
 def is_expert_folder(folder: str | Path | None) -> bool:
-    """Whether `folder` is a two-expert folder (high_noise_model/config.json and low_noise_model/config.json)."""
-    return folder is not None and all((Path(folder) / e / DIT_CONFIG).is_file() for e in EXPERTS)
+    """Whether `folder` is a two-expert folder: official layout (high_noise_model/, low_noise_model/) or diffusers
+    (transformer/ + transformer_2/ or a boundary_ratio), models/moe_loading.py."""
+    return folder is not None and Path(folder).is_dir() and moe_layout(folder) is not None
 
 
-def folder_boundary(folder: str | Path, override: float | None = None, spec: str | None = None) -> float:
-    """The expert boundary of a two-expert folder: `override` (model.boundary), else the folder's experts.json,
-    else the registry boundary of `spec` (the official folders store none); else a ValueError naming the key."""
+def folder_boundary(folder: str | Path, override: float | None = None) -> float:
+    """The expert boundary of a two-expert folder, chosen as inference chooses it (inference/moe.py load_moe):
+    `override` (model.boundary), else the folder's experts.json (written by `assemble` and the exports), else a
+    diffusers folder's boundary_ratio, else the task's official boundary (T2V 0.875, I2V 0.900)."""
+    from inference.moe import DEFAULT_BOUNDARY
+
     if override is not None:
         return float(override)
-    path = Path(folder) / EXPERTS_FILE
-    if path.is_file():
-        return float(json.loads(path.read_text())["boundary"])
-    if spec is not None:
-        from models.registry import get_spec
-
-        experts = get_spec(spec).experts
-        if experts:
-            return float(experts["boundary"])
-    raise ValueError(f"{folder} is a two-expert folder without {EXPERTS_FILE}: set model.boundary (Wan2.2 T2V-A14B "
-                     f"0.875, I2V-A14B 0.900) or model.spec=wan2.2-t2v-a14b / wan2.2-i2v-a14b")
+    folder = Path(folder)
+    if (folder / EXPERTS_FILE).is_file():
+        return float(json.loads((folder / EXPERTS_FILE).read_text())["boundary"])
+    ratio = diffusers_boundary(folder)
+    if ratio is not None:
+        return float(ratio)
+    high = expert_config(expert_dirs(folder)[0], moe_layout(folder) == "diffusers")
+    return DEFAULT_BOUNDARY["i2v" if high["model_type"] in ("i2v", "flf2v") else "t2v"]
 
 
 def student_split(schedule: StudentSchedule, boundary: float) -> tuple[list[int], list[int]]:
@@ -120,17 +119,20 @@ def write_experts(folder: str | Path, boundary: float, schedule: StudentSchedule
     return path
 
 
-def _copy_dit(src: Path, dst: Path) -> None:
-    """config.json and the DiT weights of a one-DiT folder (base weights, shards + index, distill_models/)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / DIT_CONFIG, dst / DIT_CONFIG)
+def _copy_dit(src: Path, out: Path, name: str) -> None:
+    """config.json and the DiT weights of a one-DiT folder `src` into expert `name` of `out`: base weights (shards
+    + index) to out/<name>/, a student's distill_models/distill_model.* to out/distill_models/<name>/."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / DIT_CONFIG, out / name / DIT_CONFIG)
     weights = sorted(src.glob(DIT_WEIGHTS.replace(".safetensors", "*.safetensors*")))
-    if (src / DISTILL_DIR).is_dir():
-        shutil.copytree(src / DISTILL_DIR, dst / DISTILL_DIR, dirs_exist_ok=True)
-    elif not weights:
-        raise FileNotFoundError(f"{src} has no DiT weights ({DIT_WEIGHTS} or {DISTILL_DIR}/)")
+    distilled = sorted((src / DISTILL_DIR).glob("distill_model.*"))
+    if not weights and not distilled:
+        raise FileNotFoundError(f"{src} has no DiT weights ({DIT_WEIGHTS} or {DISTILL_DIR}/distill_model.*)")
     for f in weights:
-        shutil.copy2(f, dst / f.name)
+        shutil.copy2(f, out / name / f.name)
+    for f in distilled:
+        (out / DISTILL_DIR / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out / DISTILL_DIR / name / f.name)
 
 
 def assemble(high: str | Path, low: str | Path, out: str | Path, boundary: float,
@@ -148,15 +150,22 @@ def assemble(high: str | Path, low: str | Path, out: str | Path, boundary: float
         raise ValueError(f"{high} and {low} hold DiTs of different configs: the experts must share one architecture")
     copy_components(components or high, out)
     for name, folder in ((HIGH, high), (LOW, low)):
-        _copy_dit(folder, out / name)
+        _copy_dit(folder, out, name)
     write_experts(out, boundary)
     return out
 
 
-def load_pair(folder: str | Path, boundary: float, distill: bool = False, dtype: torch.dtype | None = None) -> DiTPair:
-    """The two DiTs of a two-expert folder as a DiTPair (`distill`: prefer distill_models/ weights)."""
+def load_pair(folder: str | Path, boundary: float, distill: bool = False,
+              dtype: torch.dtype | None = None) -> LoadedExperts:
+    """The two DiTs of a two-expert folder (official or diffusers layout; `distill`: a student's
+    distill_models/<expert>/ weights when present) as an ExpertPair, read as inference reads them."""
     folder = Path(folder)
-    return pair_of(*(load_dit(folder / e, distill=distill, dtype=dtype) for e in EXPERTS), boundary)
+    diffusers = moe_layout(folder) == "diffusers"
+    experts = []
+    for name, d in zip(EXPERTS, expert_dirs(folder), strict=True):
+        source, kind = find_expert_weights(folder, name, d, distill, None)
+        experts.append(load_expert(expert_config(d, diffusers), source, kind, dtype, diffusers and kind == "base"))
+    return pair_of(*experts, boundary)
 
 
 # ---- teacher fine-tuning: timesteps restricted to one expert's range ----------------------------------------------
@@ -184,7 +193,7 @@ def range_flow_matching_loss(net: nn.Module, x0: Tensor, cond: Cond, shift: floa
 def check_dmd(cfg: TrainConfig, num_processes: int = 1) -> float:
     """The checks a two-expert DMD run needs before any model is read; returns the boundary."""
     teacher = Path(cfg.model.path)
-    boundary = folder_boundary(teacher, cfg.model.boundary, cfg.model.spec)
+    boundary = folder_boundary(teacher, cfg.model.boundary)
     if cfg.distributed.engine not in ("auto", "ddp"):
         raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
                          f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network)")
@@ -260,7 +269,7 @@ def build_dmd(trainer) -> None:
     trainer._finish_build(real.text_len)
 
 
-def pair_student(trainer, ema: bool, sampling: bool) -> DiTPair:
+def pair_student(trainer, ema: bool, sampling: bool) -> LoadedExperts:
     """The generator pair as plain DiTs (EMA weights if `ema`; LoRA mode: adapters merged), fp32 on the host or,
     `sampling`, on the training device in the training dtype."""
     from distill.adapters import merged
@@ -279,14 +288,16 @@ def pair_student(trainer, ema: bool, sampling: bool) -> DiTPair:
 
 def write_student(out: str | Path, student: nn.Module, components: str | Path, schedule: StudentSchedule,
                   boundary: float, dtype: torch.dtype | None = None) -> Path:
-    """A two-expert student folder: components at the root, `<expert>/config.json` +
-    `<expert>/distill_models/distill_model.safetensors`, schedule.json and experts.json (steps per expert)."""
-    from models.loading import write_dit_folder
+    """A two-expert student folder: components at the root, `<expert>/config.json`, the weights at LightX2V's
+    `distill_models/<expert>/distill_model.safetensors`, schedule.json and experts.json (steps per expert)."""
+    from models.loading import write_safetensors
 
     out = Path(out)
     for name in EXPERTS:
-        write_dit_folder(out / name, getattr(student, name), dtype,
-                         weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        expert = getattr(student, name)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / DIT_CONFIG).write_text(json.dumps(expert.config, indent=2) + "\n")
+        write_safetensors(expert.state_dict(), out / DISTILL_DIR / name / "distill_model.safetensors", dtype)
     copy_components(components, out)
     write_schedule(out, schedule)
     write_experts(out, boundary, schedule)
@@ -332,10 +343,10 @@ def export_run(run: Path, out: Path, info: dict, ckpt: Path, weights: str, dtype
     from distill.config import DistillConfig
     from distill.export import extract_lora
     from models.components import build_dit
-    from models.loading import load_into, read_json, write_dit_folder, write_safetensors
+    from models.loading import load_into, write_dit_folder, write_safetensors
 
     teacher, dmd = Path(info["model"]["path"]), info.get("dmd", {})
-    boundary = folder_boundary(teacher, info["model"].get("boundary"), info["model"].get("spec"))
+    boundary = folder_boundary(teacher, info["model"].get("boundary"))
     d = info.get("distill", {})
     schedule = DistillConfig(**{k: d[k] for k in ("denoising_step_list", "sample_shift") if k in d}).schedule()
     raw = load_file(str(ckpt / "generator.safetensors"))
@@ -343,16 +354,17 @@ def export_run(run: Path, out: Path, info: dict, ckpt: Path, weights: str, dtype
     names = list(EXPERTS) if dmd.get("generator", "per_expert") == "per_expert" else [dmd.get("shared_init", LOW)]
     lcfg = info.get("lora", {})
     nets, bases = {}, {}
+    real = load_pair(teacher, boundary)
     for name in names:
         sub = split_state(state, name) if len(names) == 2 else state
-        base = load_dit(teacher / name)
+        base = getattr(real, name)
         bases[name] = base.state_dict()
         if lcfg.get("enabled"):
             net = with_lora(base, lcfg["rank"], lcfg["alpha"], lcfg["target_modules"])
             net.load_state_dict(sub, strict=False)
             nets[name] = net
         else:
-            nets[name] = load_into(build_dit(read_json(teacher / name / DIT_CONFIG), "meta"), sub, f"{ckpt} {name}")
+            nets[name] = load_into(build_dit(base.config, "meta"), sub, f"{ckpt} {name}")
     components = Path(info["model"].get("components_path") or teacher)
     plain = {k: merged(v) if lcfg.get("enabled") else v for k, v in nets.items()}
     if len(names) == 2:
