@@ -121,7 +121,7 @@ def test_unknown_attention_value_warns_naming_key_and_value():
     ({"denoising_step_list": [1000, 0]}, r"must lie in \(0, 1000\]"),
     ({"denoising_step_list": []}, r"denoising_step_list must be a non-empty"),
     ({"task": "flf2v"}, r"task must be one of"),
-    ({"model_cls": "wan2.2"}, r"model_cls must be one of"),
+    ({"model_cls": "wan3.0"}, r"model_cls must be one of"),
     ({"distill_update": "ddim", "denoising_step_list": [1000, 500]}, r"distill_update must be one of"),
     ({"infer_steps": 0}, r"infer_steps must be >= 1"),
     ({"sample_shift": 0}, r"sample_shift must be > 0"),
