@@ -196,9 +196,51 @@ few_steps() {  # one student after another (the first one's bank serves the next
   few_steps_table
 }
 
+# Two-expert (Wan2.2 A14B-style) tiny world (docs/moe_distillation.md): the T2V teacher fine-tuned into a high-noise
+# expert (t >= 875) and a low-noise expert (t < 875), side by side, assembled as checkpoints/tiny-t2v-moe-teacher
+# (not tracked); then DMD into a two-expert 4-step student and into one student from the same teacher; the table.
+MOE=runs/moe
+moe_teacher() {
+  mkdir -p $MOE/logs
+  for side in high low; do
+    ( timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/train/tiny/t2v_moe_$side.yaml num_threads=1 $EXTRA "$@" \
+        > $MOE/logs/teacher_$side.log 2>&1 || echo "$side expert: train exit $?" ) &
+  done
+  wait
+  for side in high low; do
+    $PY -m distill.export --run runs/tiny_t2v_moe_$side --out runs/tiny_t2v_moe_$side/model --dtype bf16
+  done
+  $PY -m distill.moe assemble --high runs/tiny_t2v_moe_high/model --low runs/tiny_t2v_moe_low/model --boundary 0.875 \
+      --out checkpoints/tiny-t2v-moe-teacher
+}
+
+moe_students() {  # side by side: the two-expert student (+ its rank-64 LoRAs) | one student (dmd.generator=shared)
+  mkdir -p $MOE/logs
+  local D=configs/train/tiny/t2v_moe_dmd.yaml N="logging.sample_every=0 num_threads=1"
+  ( timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config $D $N $EXTRA "$@" > $MOE/logs/dmd_2experts.log 2>&1 \
+      || echo "two-expert DMD: train exit $?" ) &
+  ( timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config $D run_dir=runs/tiny_t2v_moe_dmd_shared dmd.generator=shared $N \
+      $EXTRA "$@" > $MOE/logs/dmd_shared.log 2>&1 || echo "shared-generator DMD: train exit $?" ) &
+  wait
+  $PY -m distill.export --run runs/tiny_t2v_moe_dmd --out $MOE/student_2experts --dtype bf16 \
+      --lora $MOE/student_2experts/loras --lora-rank 64 --lora-min-numel 32768
+  $PY -m distill.export --run runs/tiny_t2v_moe_dmd_shared --out $MOE/student_shared --dtype bf16
+}
+
+moe_table() {  # two-expert teacher, its 4 steps without CFG, the two-expert student, one student from the same teacher
+  local T=configs/infer/tiny/t2v_teacher.json S=configs/infer/tiny/t2v_distill_4step.json
+  $PY -m benchmarks.quality $QUALITY --out $R/t2v_moe \
+      --config "$T:model_path=checkpoints/tiny-t2v-moe-teacher,model_cls=wan2.2_moe,boundary=0.875" \
+      --config "$T:model_path=checkpoints/tiny-t2v-moe-teacher,model_cls=wan2.2_moe,boundary=0.875,infer_steps=4,enable_cfg=false" \
+      --config "$S:model_path=$MOE/student_2experts,model_cls=wan2.2_moe,boundary=0.875" \
+      --config "$S:model_path=$MOE/student_shared"
+}
+
+moe() { moe_teacher; moe_students; moe_table; }
+
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes|few_steps|few_steps_table|few_step_student) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes|few_steps|few_steps_table|few_step_student|moe_teacher|moe_students|moe_table|moe) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
