@@ -56,7 +56,7 @@ def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guid
 def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
              t_min: float = 20.0, t_max: float = 980.0,
              generator: torch.Generator | None = None,
-             interval: Sequence[float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             interval: Sequence[float] | None = None, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), docs/step_distillation.md steps 2-4.
 
         x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
@@ -65,6 +65,8 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
         loss = 0.5 * mean((x - stopgrad(x - grad))^2)      => d loss / d x = grad / N
 
     so descent moves x towards the teacher's guided distribution and away from the generator's own.
+    `mask` [B, 1, F, H, W] of 0/1 (TI2V, distill/ti2v.py): grad and normaliser over the entries where it is 1 only
+    (frame 0 of an I2V sample is the given image, not generated).
     """
     b = x.shape[0]
     with torch.no_grad():
@@ -73,7 +75,13 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
         x_t = add_noise(x.detach().float(), eps, s)
         real = guided_x0(real_score, x_t, s, cond, uncond, guidance, interval)
         fake = guided_x0(fake_score, x_t, s, cond, None, 1.0)
-        norm = (x.detach().float() - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        dims = tuple(range(1, x.ndim))
+        if mask is None:
+            norm = (x.detach().float() - real).abs().mean(dim=dims, keepdim=True)
+        else:
+            m = mask.float().expand_as(real)
+            norm = ((x.detach().float() - real).abs() * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True)
+            fake = torch.lerp(real, fake, m)  # fake - real = 0 off the mask: no gradient to frame 0 of I2V
         # norm = 0 (x == real exactly): 0/0 and c/0 both give 0 (the default +-float max for c/0 would make the
         # loss inf and overflow the gradient norm / Adam's second moment)
         grad = torch.nan_to_num((fake - real) / norm, nan=0.0, posinf=0.0, neginf=0.0)
@@ -84,14 +92,19 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
 
 
 def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
     """Critic (fake score) flow loss on generator samples x (no grad), docs/step_distillation.md "Critic update":
-    mean((v_fake(x_t, t) - (eps - x))^2) with x_t = (1 - s) x + s eps and the critic's timestep sampling."""
+    mean((v_fake(x_t, t) - (eps - x))^2) with x_t = (1 - s) x + s eps and the critic's timestep sampling.
+    `mask` [B, 1, F, H, W] of 0/1 (TI2V): the mean over the entries where it is 1 (generated frames) only."""
     x = x.detach().float()
     s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device)
     eps = torch.randn(x.shape, generator=generator).to(x.device)
     v = cond(fake_score, add_noise(x, eps, s), timestep_of(s))
-    return (v.float() - v_from_x0_eps(x, eps)).pow(2).mean()
+    err = (v.float() - v_from_x0_eps(x, eps)).pow(2)
+    if mask is None:
+        return err.mean()
+    m = mask.float().expand_as(err)
+    return (err * m).sum() / m.sum()
 
 
 def ode_regression_loss(net, x_k: Tensor, s_k: Tensor, x0: Tensor, cond: Cond) -> Tensor:
