@@ -293,6 +293,18 @@ def test_lora_mode_trains_adapters_and_exports_per_expert_loras(moe_teacher, tmp
     assert names == ["high_noise_model.safetensors", "low_noise_model.safetensors"]
     ckpt = load_file(str(run / "checkpoints" / "step_00000002" / "generator.safetensors"))
     assert ckpt and all(".lora_up." in k or ".lora_down." in k for k in ckpt)
+    # inference: the teacher + one LoRA per expert (lora_configs[].name, LightX2V's key) = the exported student
+    from inference.config import InferConfig, LoraSpec
+    from inference.loader import load_pipeline
+
+    loras = [LoraSpec(str(run / "model" / "loras" / f"{n}.safetensors"), 1.0, n) for n in (HIGH, LOW)]
+    pipe = load_pipeline(InferConfig(task="t2v", model_cls="wan2.2_moe_distill", denoising_step_list=[1000, 750, 500,
+                                     250], sample_shift=5.0, enable_cfg=False, lora_configs=loras, dtype="fp32",
+                                     device="cpu"), moe_teacher)
+    student = load_pair(run / "model", BOUNDARY, distill=True).state_dict()
+    served = pipe.dit.state_dict()
+    for k, v in student.items():
+        torch.testing.assert_close(served[k], v, rtol=1e-5, atol=1e-6, msg=k)  # merge order: fp32 rounding
 
 
 def test_shared_generator_and_critic_start_from_the_chosen_expert(moe_teacher, tmp_path, one_thread):
