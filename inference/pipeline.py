@@ -12,6 +12,7 @@ I2V experts take y but no CLIP features, so such a model needs no image encoder.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -161,7 +162,7 @@ class WanPipeline:
         u = None if uncond is None else Cond(uncond, clip_fea, y)
         if plan is not None and self.switch is None:
             raise ValueError("an expert plan needs a two-expert (Wan2.2 MoE) DiT")
-        step = iter(range(2**62))
+        step = itertools.count()  # the sampler calls once per step, in order
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             i = next(step) if guided is not None or plan is not None else 0
