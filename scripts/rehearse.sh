@@ -239,6 +239,19 @@ step infer_wan22_i2v_teacher infer --config "$C/wan22_moe_i2v.json" --model_path
   --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_i2v.mp4"
 step infer_wan22_i2v_teacher_diffusers infer --config "$C/wan22_moe_i2v.json" --model_path "$M/wan22_i2v_diffusers" \
   --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_i2v_diffusers.mp4"
+# a 4-step MoE student: the experts copied to distill_models/<expert>/distill_model.safetensors (LightX2V's path)
+wan22_student() {
+  local e
+  rm -rf "$M/wan22_t2v_student" && cp -r "$M/wan22_t2v" "$M/wan22_t2v_student" || return 1
+  for e in high_noise_model low_noise_model; do
+    mkdir -p "$M/wan22_t2v_student/distill_models/$e" &&
+      cp "$M/wan22_t2v/$e/diffusion_pytorch_model.safetensors" "$M/wan22_t2v_student/distill_models/$e/distill_model.safetensors" || return 1
+  done
+  infer --config "$C/wan22_moe_t2v_distill.json" --model_path "$M/wan22_t2v_student" --prompt "$P" \
+    --save_result_path "$O/wan22_t2v_distill.mp4"
+}
+derive configs/infer/wan22/wan22_moe_t2v_distill_4step.json "$C/wan22_moe_t2v_distill.json" "${SMALL[@]}"
+step infer_wan22_t2v_distill wan22_student
 
 echo
 echo "rehearsal in $WORK ($SECONDS s):"
