@@ -190,16 +190,14 @@ def range_flow_matching_loss(net: nn.Module, x0: Tensor, cond: Cond, shift: floa
 
 
 # ---- DMD with a two-expert teacher -------------------------------------------------------------------------------
-def check_dmd(cfg: TrainConfig, num_processes: int = 1) -> float:
+def check_dmd(cfg: TrainConfig) -> float:
     """The checks a two-expert DMD run needs before any model is read; returns the boundary."""
     teacher = Path(cfg.model.path)
     boundary = folder_boundary(teacher, cfg.model.boundary)
     if cfg.distributed.engine not in ("auto", "ddp"):
         raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
-                         f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network)")
-    if num_processes > 1:
-        raise ValueError("a two-expert teacher trains in one process for now: DDP would reduce the gradients of "
-                         "the expert that did not run (find_unused_parameters) and could step it with zeros")
+                         f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network, and a per-expert "
+                         f"critic would all-gather an expert on the ranks whose batch reaches it only)")
     init = cfg.model.generator_init
     if init is not None:
         two = is_expert_folder(init)
@@ -226,7 +224,7 @@ def build_dmd(trainer) -> None:
     from models.components import load_encoders
 
     cfg = trainer.cfg
-    boundary = check_dmd(cfg, trainer.accelerator.num_processes)
+    boundary = check_dmd(cfg)
     teacher = Path(cfg.model.path)
     real = load_pair(teacher, boundary, dtype=torch.float32)
     trainer.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
@@ -260,6 +258,13 @@ def build_dmd(trainer) -> None:
     trainer.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
     opt_g = trainer._optimizer("generator")(gen.parameters())
     opt_c = trainer._optimizer("critic")(critic.parameters())
+    if trainer.accelerator.num_processes > 1:
+        # DDP: a generator step runs one expert (the same on every rank: the exit step depends on (seed, step) only),
+        # a critic batch may reach one expert on some ranks only. find_unused_parameters lets DDP finish the
+        # reduction without them; a parameter unused on every rank keeps grad None, so AdamW leaves it alone.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     trainer.gen, trainer.critic, trainer.opt_g, trainer.opt_c = trainer.accelerator.prepare(gen, critic, opt_g, opt_c)
     trainer.trainable_only = cfg.lora.enabled
     trainer.boundary = boundary

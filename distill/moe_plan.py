@@ -91,7 +91,7 @@ def min_gpus_experts(cfg: TrainConfig, engine: str, gpu_mem: float, offload: boo
 
 def a14b_table(gpu_mem: float = 80.0) -> str:
     """Markdown: minimum GPUs of `gpu_mem` GiB for two-expert DMD (full with each critic layout, LoRA). † = not
-    implemented: the two-expert trainer runs in one process for now (distill/moe.py check_dmd)."""
+    implemented: the two-expert trainer runs under DDP only for now (distill/moe.py check_dmd)."""
     rows = [f"| model | mode | {' | '.join(ENGINES)} | fsdp + CPU offload |", "|---|---|" + "---|" * (len(ENGINES) + 1)]
     modes = {"full, critic per_expert": [], "full, critic shared": ["dmd.critic=shared"],
              "LoRA, critic per_expert": ["lora.enabled=true"]}
@@ -101,7 +101,7 @@ def a14b_table(gpu_mem: float = 80.0) -> str:
             cells = []
             for engine, offload in [(e, False) for e in ENGINES] + [("fsdp", True)]:
                 p, plan = min_gpus_experts(cfg, engine, gpu_mem, offload)
-                mark = "" if engine == "ddp" and not offload and p == 1 else " †"
+                mark = "" if engine == "ddp" and not offload else " †"
                 cells.append((f"{p} ({plan.peak:.0f} GiB)" if p else f"> 128 ({plan.peak:.0f} GiB at 128)") + mark)
             rows.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
