@@ -23,7 +23,8 @@ from distill.data import PromptBatches, build_prompt_batches
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.moe import build_dmd as build_moe_dmd
-from distill.moe import export_pair, is_expert_folder, pair_student
+from distill.moe import is_expert_folder, pair_student
+from distill.moe_export import export_pair
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.sampling import backward_simulation, gaussian_noise

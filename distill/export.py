@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from distill.adapters import lightx2v_lora, merged, with_lora
 from distill.checkpoint import resume_candidate, verify_checkpoint
 from distill.config import DistillConfig
-from distill.moe import export_run, is_expert_folder
+from distill.moe import is_expert_folder
+from distill.moe_export import export_run
 from inference.schedule import StudentSchedule, write_schedule
 from models.components import build_dit, copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, load_into, read_json, write_dit_folder, write_safetensors
