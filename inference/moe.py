@@ -192,12 +192,12 @@ def moe_base_weights_message(cfg: InferConfig, folder, experts: list[str]) -> st
 
 
 def load_moe(cfg: InferConfig, folder, dtype: torch.dtype, home, base_dir) -> Any:
-    """`Components` of a MoE folder with the config's boundary (or the folder's / the task's) and the config's
-    LoRAs applied to the expert each names."""
+    """`Components` of a MoE folder with a boundary from the config, else the folder (experts.json, a diffusers
+    boundary_ratio), else the task's official one; the config's LoRAs applied to the expert each names."""
     from inference.lora import apply_lora_configs
-    from models.moe_loading import diffusers_boundary, load_moe_folder
+    from models.moe_loading import load_moe_folder, stored_boundary
 
-    boundary = cfg.boundary if cfg.boundary is not None else diffusers_boundary(folder)
+    boundary = cfg.boundary if cfg.boundary is not None else stored_boundary(folder)
     boundary = boundary if boundary is not None else DEFAULT_BOUNDARY[cfg.task]
     comps = load_moe_folder(folder, cfg.task, boundary, distill=cfg.model_cls == "wan2.2_moe_distill",
                             ckpts=(cfg.high_noise_original_ckpt, cfg.low_noise_original_ckpt), dtype=dtype,

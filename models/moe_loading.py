@@ -38,6 +38,7 @@ from models.moe import EXPERTS, ExpertPair
 
 DIFFUSERS_EXPERTS = ("transformer", "transformer_2")  # diffusers: high-noise, low-noise (WanPipeline docs)
 MODEL_INDEX = "model_index.json"
+EXPERTS_FILE = "experts.json"  # {"boundary": ...} written next to the expert folders by this project's exports
 MOE_LAYOUT = ("expected a Wan2.2 A14B folder: high_noise_model/ and low_noise_model/ (each config.json + "
               "diffusion_pytorch_model*.safetensors) with Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and "
               "google/umt5-xxl/ at the root, or the diffusers layout (model_index.json, transformer/, "
@@ -104,6 +105,19 @@ def diffusers_boundary(folder: str | Path) -> float | None:
     """model_index.json's boundary_ratio of a diffusers MoE folder (None for other folders)."""
     index = Path(folder) / MODEL_INDEX
     return read_json(index).get("boundary_ratio") if index.is_file() else None
+
+
+def stored_boundary(folder: str | Path) -> float | None:
+    """The boundary a folder records: `experts.json`'s "boundary" (this project's exported two-expert students,
+    distill/moe.py), else a diffusers folder's boundary_ratio; None when neither (the official folders keep it in
+    code)."""
+    path = Path(folder) / EXPERTS_FILE
+    if path.is_file():
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("boundary"), int | float):
+            raise ValueError(f"{path} must be a JSON object with a numeric \"boundary\" (fraction of 1000)")
+        return float(data["boundary"])
+    return diffusers_boundary(folder)
 
 
 def expert_config(expert_dir: Path, diffusers: bool) -> dict[str, Any]:

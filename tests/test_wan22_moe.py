@@ -165,6 +165,12 @@ def test_config_for_a_moe_folder_and_boundary_sources(folders, tmp_path):
     assert index["boundary_ratio"] == 0.875
     pipe = load_pipeline(teacher("t2v", boundary=None), folders["t2v_diffusers"])
     assert pipe.dit.boundary == 0.875
+    folder = tmp_path / "exported"
+    shutil.copytree(folders["t2v_official"], folder)
+    assert load_pipeline(teacher("t2v", boundary=None), folder).dit.boundary == 0.875  # the task's default
+    (folder / "experts.json").write_text(json.dumps({"boundary": 0.8}))  # what the exports write
+    assert load_pipeline(teacher("t2v", boundary=None), folder).dit.boundary == 0.8
+    assert load_pipeline(teacher("t2v", boundary=0.6), folder).dit.boundary == 0.6  # the config wins
 
 
 def test_distilled_experts_and_per_expert_loras(folders, tmp_path):
