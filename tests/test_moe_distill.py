@@ -240,11 +240,18 @@ def test_resume_restores_both_experts_exactly(moe_teacher, tmp_path, one_thread)
     teacher = load_pair(moe_teacher, BOUNDARY).state_dict()
     for name in (HIGH, LOW):
         assert any(not torch.equal(gen[k], teacher[k]) for k in gen if k.startswith(name)), name
+    # the trainer's export (step 4 > ema_start): each expert's EMA weights, at full precision
+    ema = load_file(str(a / "ema.safetensors"))
+    student = load_pair(full / "model", BOUNDARY, distill=True).state_dict()
+    assert ema.keys() <= student.keys() and all(torch.equal(student[k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], gen[k]) for k in ema)
 
 
 def test_export_layout_and_lora_names(moe_teacher, tmp_path, one_thread):
     run = tmp_path / "run"
-    train(_cfg(run, moe_teacher, "max_steps=2", "optim.lr=1e-3", "dmd.ema_start=100"))
+    train(_cfg(run, moe_teacher, "max_steps=2", "optim.lr=1e-3", "dmd.ema_start=100",
+               'logging.sample_prompts=["a red circle moving left"]'))
+    assert (run / "samples" / "step0000002_0.mp4").is_file()  # sampled through the pair, as inference does
     model = run / "model"
     info = json.loads((model / EXPERTS_FILE).read_text())
     assert info["boundary"] == BOUNDARY and info["boundary_step_index"] == 2
