@@ -247,6 +247,20 @@ def test_resume_restores_both_experts_exactly(moe_teacher, tmp_path, one_thread)
     assert any(not torch.equal(ema[k], gen[k]) for k in ema)
 
 
+def test_lora_mode_resume_restores_both_experts_adapters(moe_teacher, tmp_path, one_thread):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("optim.lr=1e-3", "dmd.lr_critic=1e-3", "dmd.ema_start=1", "lora.enabled=true", "lora.rank=4")
+    train(_cfg(full, moe_teacher, "max_steps=4", *args))
+    train(_cfg(part, moe_teacher, "max_steps=2", *args))
+    train(_cfg(part, moe_teacher, "max_steps=4", *args))
+    ref, got = by_step(metrics(full)), by_step(metrics(part))
+    for step in range(1, 5):
+        assert_same_metrics(ref[step], got[step])
+    a = full / "checkpoints" / "step_00000004"
+    assert_same_checkpoint(a, part / "checkpoints" / "step_00000004")
+    assert {k.split(".")[0] for k in load_file(str(a / "critic.safetensors"))} == {HIGH, LOW}
+
+
 def test_export_layout_and_lora_names(moe_teacher, tmp_path, one_thread):
     run = tmp_path / "run"
     train(_cfg(run, moe_teacher, "max_steps=2", "optim.lr=1e-3", "dmd.ema_start=100",
