@@ -126,6 +126,9 @@ class DMDConfig:
     generator: str = "per_expert"
     critic: str = "per_expert"
     shared_init: str = "low_noise_model"
+    # two-expert teacher: the teacher's CFG scale at critic timesteps below the boundary (the low-noise expert's;
+    # Wan2.2 T2V-A14B samples with 4.0 high-noise, 3.0 low-noise); None: dmd.guide_scale for both
+    guide_scale_low: float | None = None
 
 
 @dataclass

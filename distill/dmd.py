@@ -23,7 +23,7 @@ from distill.data import PromptBatches, build_prompt_batches
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.moe import build_dmd as build_moe_dmd
-from distill.moe import is_expert_folder, pair_student
+from distill.moe import check_one_dit, is_expert_folder, pair_student
 from distill.moe_export import export_pair
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
@@ -54,6 +54,7 @@ class DMDTrainer(Trainer):
     def build(self) -> None:
         if is_expert_folder(self.cfg.model.path):  # a two-expert (Wan2.2 A14B) teacher: distill/moe.py
             return build_moe_dmd(self)
+        check_one_dit(self.cfg)
         if self.engine:
             return self._build_sharded()
         cfg = self.cfg
@@ -127,6 +128,8 @@ class DMDTrainer(Trainer):
 
     def _finish_build(self, text_len: int) -> None:
         cfg = self.cfg
+        # the teacher's CFG in the DMD loss: a scale, or one scale per expert (two-expert teachers, distill/moe.py)
+        self.real_guidance = getattr(self, "real_guidance", cfg.dmd.guide_scale)
         self.networks = {"generator": self.gen, "critic": self.critic}
         self.optimizers = {"generator": self.opt_g, "critic": self.opt_c}
         self.extra_state = {"ema": self.ema}
@@ -167,7 +170,7 @@ class DMDTrainer(Trainer):
                 with acc.autocast():
                     x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k,
                                                   gaussian_noise(rng))
-                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, cfg.dmd.guide_scale,
+                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, self.real_guidance,
                                        cfg.dmd.timestep_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
                                        cfg.dmd.guide_interval)
                 if not self.check_finite(loss.detach(), "generator DMD"):

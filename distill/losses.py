@@ -45,11 +45,13 @@ def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generato
     return sample_sigmas(batch, shift, generator, device).clamp(sigma_of(t_min), sigma_of(t_max))
 
 
-def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float,
+def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float | Guidance,
               interval: Sequence[float] | None = None) -> Tensor:
     """x0 [B, C, F, H, W] (fp32) of the CFG-guided prediction at x_t [B, C, F, H, W], sigmas s [B]
-    (inference/guidance.py, per sample: `interval` [t_min, t_max] gives w = 1 to samples outside it)."""
-    v = guided_velocity(net, x_t, timestep_of(s), cond, uncond, Guidance(guidance, interval), per_sample=True)
+    (inference/guidance.py, per sample: `interval` [t_min, t_max] gives w = 1 to samples outside it). `guidance`: a
+    scale, or a `Guidance` whose per-sample scales are used as they are (e.g. one scale per expert, distill/moe.py)."""
+    g = guidance if isinstance(guidance, Guidance) else Guidance(guidance, interval)
+    v = guided_velocity(net, x_t, timestep_of(s), cond, uncond, g, per_sample=True)
     return x0_from_v(x_t.float(), v.float(), s)
 
 

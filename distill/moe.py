@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from inference.flow import add_noise, shift_sigma, timestep_of, unshift_sigma, v_from_x0_eps
-from inference.guidance import Cond
+from inference.guidance import Cond, Guidance
 from inference.schedule import StudentSchedule
 from models.components import copy_components, load_dit
 from models.loading import DISTILL_DIR, DIT_CONFIG, DIT_WEIGHTS
@@ -190,6 +192,50 @@ def range_flow_matching_loss(net: nn.Module, x0: Tensor, cond: Cond, shift: floa
 
 
 # ---- DMD with a two-expert teacher -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertGuidance(Guidance):
+    """The teacher's CFG with one scale per expert: `scale` where t >= boundary_t (the high-noise expert),
+    `low_scale` below; `interval` as in `Guidance` (w = 1 outside it). Wan2.2 T2V-A14B samples with 4.0 / 3.0."""
+
+    low_scale: float = 1.0
+    boundary_t: float = 1000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.low_scale, bool) or not isinstance(self.low_scale, int | float) \
+                or not math.isfinite(self.low_scale):
+            raise ValueError(f"dmd.guide_scale_low must be a finite number, got {self.low_scale!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale != 1.0 or self.low_scale != 1.0
+
+    def scales(self, t: Tensor) -> Tensor:
+        """Per-sample w [B] for timesteps t [B] (on t's device)."""
+        w = torch.where(t >= self.boundary_t, torch.full_like(t, self.scale, dtype=torch.float32),
+                        torch.full_like(t, self.low_scale, dtype=torch.float32))
+        if self.interval is None:
+            return w
+        inside = (t >= self.interval[0]) & (t <= self.interval[1])
+        return torch.where(inside, w, torch.ones_like(w))
+
+
+def real_guidance(cfg: TrainConfig, boundary: float) -> float | ExpertGuidance:
+    """dmd.guide_scale, or with dmd.guide_scale_low one scale per expert of the teacher."""
+    if cfg.dmd.guide_scale_low is None:
+        return cfg.dmd.guide_scale
+    iv = cfg.dmd.guide_interval
+    return ExpertGuidance(cfg.dmd.guide_scale, None if iv is None else tuple(iv), cfg.dmd.guide_scale_low,
+                          boundary * 1000.0)
+
+
+def check_one_dit(cfg: TrainConfig) -> None:
+    """A one-DiT teacher: the two-expert keys that would otherwise be ignored are errors."""
+    if cfg.dmd.guide_scale_low is not None:
+        raise ValueError(f"dmd.guide_scale_low is the low-noise expert's scale of a two-expert teacher, but model.path="
+                         f"{cfg.model.path} holds one DiT: unset it (dmd.guide_scale applies)")
+
+
 def check_dmd(cfg: TrainConfig) -> float:
     """The checks a two-expert DMD run needs before any model is read; returns the boundary."""
     teacher = Path(cfg.model.path)
@@ -271,6 +317,7 @@ def build_dmd(trainer) -> None:
     trainer.logger.event(0, f"two-expert teacher {teacher} (boundary {boundary * 1000:g}): generator "
                             f"{cfg.dmd.generator}, critic {cfg.dmd.critic}; student steps (high, low) = "
                             f"{student_split(cfg.distill.schedule(), boundary)}")
+    trainer.real_guidance = real_guidance(cfg, boundary)
     trainer._finish_build(real.text_len)
 
 

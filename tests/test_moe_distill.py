@@ -194,6 +194,29 @@ def test_real_score_routes_each_critic_timestep(trainer):
         del net.high_noise_model.forward, net.low_noise_model.forward
 
 
+def test_one_guidance_scale_per_teacher_expert(trainer, moe_teacher, tmp_path, tiny_t2v_dir):
+    from distill.losses import guided_x0
+    from distill.moe import ExpertGuidance
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 16, 2, 8, 8, generator=g)
+    cond, uncond = (Cond(torch.randn(4, 5, trainer.real_score.high_noise_model.text_dim, generator=g))
+                    for _ in range(2))
+    s = torch.tensor([0.95, 0.9, 0.8, 0.5])  # t = 950, 900 (high-noise expert), 800, 500 (low-noise expert)
+    with torch.no_grad():
+        got = guided_x0(trainer.real_score, x, s, cond, uncond, ExpertGuidance(4.0, None, 3.0, 875.0))
+        for i, w in enumerate((4.0, 4.0, 3.0, 3.0)):
+            c, u = Cond(cond.context[i:i + 1]), Cond(uncond.context[i:i + 1])
+            want = guided_x0(trainer.real_score, x[i:i + 1], s[i:i + 1], c, u, w)
+            torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-5)  # batch of 4 vs 1
+    assert trainer.real_guidance == trainer.cfg.dmd.guide_scale  # not set: one scale for both experts
+    tr = trainer_for(_cfg(tmp_path / "run", moe_teacher, "max_steps=1", "dmd.guide_scale_low=3.0"))
+    assert tr.real_guidance == ExpertGuidance(5.0, (300.0, 850.0), 3.0, 875.0)
+    tr.logger.close()
+    with pytest.raises(ValueError, match="dmd.guide_scale_low .* holds one DiT"):
+        trainer_for(dmd_cfg(tmp_path / "one", tiny_t2v_dir, "dmd.guide_scale_low=3.0"))
+
+
 @pytest.mark.parametrize("exit_step,owner", [(0, HIGH), (3, LOW)])
 def test_only_the_exit_steps_expert_gets_gradients(trainer, exit_step, owner, monkeypatch):
     other = LOW if owner == HIGH else HIGH
