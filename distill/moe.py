@@ -244,6 +244,10 @@ def check_dmd(cfg: TrainConfig) -> float:
         raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
                          f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network, and a per-expert "
                          f"critic would all-gather an expert on the ranks whose batch reaches it only)")
+    high_cfg = expert_config(expert_dirs(teacher)[0], moe_layout(teacher) == "diffusers")
+    if high_cfg["model_type"] != "t2v":
+        raise ValueError(f"{teacher} holds {high_cfg['model_type']} experts: two-expert DMD is T2V only for now (the "
+                         f"I2V-A14B experts take no CLIP features, which the trainer's I2V data path computes)")
     init = cfg.model.generator_init
     if init is not None:
         two = is_expert_folder(init)

@@ -377,6 +377,13 @@ def test_config_errors(moe_teacher, tmp_path, tiny_t2v_dir):
     for overrides, match in cases:
         with pytest.raises(ValueError, match=match):
             trainer_for(_cfg(tmp_path / "run", moe_teacher, "max_steps=1", *overrides))
+    cfg = json.loads((moe_teacher / HIGH / "config.json").read_text())
+    (moe_teacher / HIGH / "config.json").write_text(json.dumps({**cfg, "model_type": "i2v"}))
+    try:
+        with pytest.raises(ValueError, match="T2V only"):
+            check_dmd(_cfg(tmp_path / "run", moe_teacher))
+    finally:
+        (moe_teacher / HIGH / "config.json").write_text(json.dumps(cfg))
     # not yet: the sharded engines (checked before any model is read)
     with pytest.raises(ValueError, match="distributed.engine=ddp"):
         check_dmd(_cfg(tmp_path / "run", moe_teacher, "distributed.engine=fsdp"))
