@@ -236,9 +236,26 @@ def check_one_dit(cfg: TrainConfig) -> None:
                          f"{cfg.model.path} holds one DiT: unset it (dmd.guide_scale applies)")
 
 
+def check_expert_files(folder: Path, key: str, distill: bool = False) -> None:
+    """Open the header of every expert weights file of a two-expert folder: a truncated or garbled file is an
+    error naming it (and the config key), before any model is built."""
+    from safetensors import safe_open
+
+    for name, d in zip(EXPERTS, expert_dirs(folder), strict=True):
+        source, kind = find_expert_weights(folder, name, d, distill, None)
+        files = sorted(Path(source).glob("*.safetensors")) if kind == "base" else [Path(source)]
+        for f in (f for f in files if f.suffix == ".safetensors"):
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as e:  # safetensors' own error types (incomplete metadata, header too large, ...)
+                raise ValueError(f"{f} ({key}, {name}) is not a complete safetensors file: {e}") from e
+
+
 def check_dmd(cfg: TrainConfig) -> float:
     """The checks a two-expert DMD run needs before any model is read; returns the boundary."""
     teacher = Path(cfg.model.path)
+    check_expert_files(teacher, "model.path")
     boundary = folder_boundary(teacher, cfg.model.boundary)
     if cfg.distributed.engine not in ("auto", "ddp"):
         raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
@@ -251,6 +268,8 @@ def check_dmd(cfg: TrainConfig) -> float:
     init = cfg.model.generator_init
     if init is not None:
         two = is_expert_folder(init)
+        if two:
+            check_expert_files(Path(init), "model.generator_init", distill=True)
         if cfg.dmd.generator == "per_expert" and not two:
             raise ValueError(f"model.generator_init={init} holds one DiT but dmd.generator=per_expert needs a "
                              f"two-expert folder (high_noise_model/ + low_noise_model/); set dmd.generator=shared "

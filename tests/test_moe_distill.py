@@ -384,6 +384,14 @@ def test_config_errors(moe_teacher, tmp_path, tiny_t2v_dir):
             check_dmd(_cfg(tmp_path / "run", moe_teacher))
     finally:
         (moe_teacher / HIGH / "config.json").write_text(json.dumps(cfg))
+    # a truncated expert file is named before any model is read
+    import shutil
+
+    broken = shutil.copytree(moe_teacher, tmp_path / "broken")
+    f = broken / LOW / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"low_noise_model/diffusion_pytorch_model.safetensors \(model.path"):
+        check_dmd(_cfg(tmp_path / "run", broken))
     # not yet: the sharded engines (checked before any model is read)
     with pytest.raises(ValueError, match="distributed.engine=ddp"):
         check_dmd(_cfg(tmp_path / "run", moe_teacher, "distributed.engine=fsdp"))
