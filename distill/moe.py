@@ -322,8 +322,7 @@ def build_dmd(trainer) -> None:
     gen, critic = make("generator", cfg.dmd.generator), make("critic", cfg.dmd.critic)
     for net in (gen, critic):
         net.train()
-        for m in (net.high_noise_model, net.low_noise_model) if isinstance(net, ExpertPair) else (net,):
-            m.gradient_checkpointing = cfg.model.gradient_checkpointing
+        set_checkpointing(net, cfg.model.gradient_checkpointing)
     trainer.ema = EMA(gen, cfg.dmd.ema_decay, cfg.dmd.ema_start)
     opt_g = trainer._optimizer("generator")(gen.parameters())
     opt_c = trainer._optimizer("critic")(critic.parameters())
@@ -342,6 +341,29 @@ def build_dmd(trainer) -> None:
                             f"{student_split(cfg.distill.schedule(), boundary)}")
     trainer.real_guidance = real_guidance(cfg, boundary)
     trainer._finish_build(real.text_len)
+
+
+# ---- ODE initialisation with a two-expert teacher ----------------------------------------------------------------
+def load_teacher(cfg: TrainConfig, accelerator) -> nn.Module:
+    """The teacher of model.path in fp32: one DiT, or for a two-expert folder the pair (the ODE task's trajectories
+    then run each step's expert, and its generator, a copy, regresses every student step with the expert of that
+    step's timestep; with several processes DDP then needs find_unused_parameters, as in `build_dmd`)."""
+    if not is_expert_folder(cfg.model.path):
+        return load_dit(cfg.model.path, dtype=torch.float32)
+    teacher = Path(cfg.model.path)
+    boundary = folder_boundary(teacher, cfg.model.boundary)
+    check_expert_files(teacher, "model.path")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return load_pair(teacher, boundary, dtype=torch.float32)
+
+
+def set_checkpointing(net: nn.Module, on: bool) -> None:
+    """Per-block activation checkpointing of a DiT or of both experts of a pair."""
+    for m in (net.high_noise_model, net.low_noise_model) if isinstance(net, ExpertPair) else (net,):
+        m.gradient_checkpointing = on
 
 
 def pair_student(trainer, ema: bool, sampling: bool) -> LoadedExperts:

@@ -27,13 +27,16 @@ from safetensors import safe_open
 from distill.data import PromptBatches, build_prompt_batches
 from distill.encode_prompts import SafetensorsRows, negative_prompt, prompts_digest
 from distill.losses import Cond, ode_regression_loss
+from distill.moe import load_teacher, set_checkpointing
+from distill.moe_export import write_student
 from distill.trainer import Metrics, Trainer
 from inference.flow import shift_sigma, timestep_of, unshift_sigma
 from inference.guidance import Guidance, guided_velocity
 from inference.schedule import write_schedule
 from inference.schedulers import FlowEulerScheduler
-from models.components import copy_components, load_dit, load_encoders
+from models.components import copy_components, load_encoders
 from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
+from models.moe import ExpertPair
 
 
 def ode_grid(student_sigmas: list[float], steps: int, shift: float) -> tuple[list[float], list[int]]:
@@ -133,7 +136,8 @@ class TrajectoryBank:
 class ODETrainer(Trainer):
     def build(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        teacher = load_dit(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False).to(self.device)
+        # one DiT, or a two-expert (Wan2.2 A14B) pair: distill/moe.py
+        teacher = load_teacher(cfg, acc).eval().requires_grad_(False).to(self.device)
         self.task = "i2v" if teacher.model_type in ("i2v", "flf2v") else "t2v"
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
@@ -150,7 +154,7 @@ class ODETrainer(Trainer):
         self.generate_trajectories(teacher, data, digest)
         self.bank = TrajectoryBank(cfg.ode.trajectories, self.sigmas.tolist(), digest)
         gen = copy.deepcopy(teacher).train().requires_grad_(True)
-        gen.gradient_checkpointing = cfg.model.gradient_checkpointing
+        set_checkpointing(gen, cfg.model.gradient_checkpointing)
         del teacher
         opt = torch.optim.AdamW(gen.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                 weight_decay=cfg.optim.weight_decay)
@@ -251,7 +255,10 @@ class ODETrainer(Trainer):
 
     def export(self) -> Path:
         out = Path(self.cfg.output_model or self.run_dir / "model")
-        write_dit_folder(out, self.unwrap(self.gen), weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
+        gen = self.unwrap(self.gen)
+        if isinstance(gen, ExpertPair):  # a two-expert student: distill/moe_export.py
+            return write_student(out, gen, self.components_path, self.cfg.distill.schedule(), gen.boundary)
+        write_dit_folder(out, gen, weights_name=f"{DISTILL_DIR}/distill_model.safetensors")
         copy_components(self.components_path, out)
         write_schedule(out, self.cfg.distill.schedule())
         return out

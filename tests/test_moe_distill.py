@@ -457,3 +457,22 @@ def test_two_processes_equal_one_with_accumulation(moe_teacher, tmp_path):
     assert_close_runs(one, two, ["generator_loss", "critic_loss", "generator_grad_norm", "critic_grad_norm",
                                  "exit_step"])
     assert (two / "model" / "distill_models" / HIGH / "distill_model.safetensors").is_file()
+
+
+def test_ode_init_with_a_two_expert_teacher_then_dmd_from_it(moe_teacher, tmp_path, one_thread):
+    """task ode: the teacher pair writes the trajectories, the generator pair regresses each student step with the
+    expert of its timestep and exports a two-expert folder, from which two-expert DMD starts (generator_init)."""
+    from tests.trainer_util import ode_cfg
+
+    ode = tmp_path / "ode"
+    tr = trainer_for(ode_cfg(ode, moe_teacher, tmp_path / "bank", "max_steps=2", "optim.lr=1e-3"))
+    spy = Spy(tr.unwrap(tr.gen))
+    tr.train()
+    seen = {n: sum(spy.seen[n], []) for n in (HIGH, LOW)}
+    assert all(t >= 875 for t in seen[HIGH]) and all(t < 875 for t in seen[LOW]) and seen[HIGH] + seen[LOW]
+    init = load_pair(ode / "model", BOUNDARY, distill=True).state_dict()
+    assert json.loads((ode / "model" / EXPERTS_FILE).read_text())["boundary_step_index"] == 2
+    dmd = trainer_for(_cfg(tmp_path / "dmd", moe_teacher, "max_steps=1", f"model.generator_init={ode / 'model'}"))
+    got = dmd.gen.state_dict()
+    assert all(torch.equal(got[k], init[k]) for k in init)
+    dmd.logger.close()
