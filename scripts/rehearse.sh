@@ -253,6 +253,14 @@ wan22_student() {
 derive configs/infer/wan22/wan22_moe_t2v_distill_4step.json "$C/wan22_moe_t2v_distill.json" "${SMALL[@]}"
 step infer_wan22_t2v_distill wan22_student
 
+# ---- Wan2.2 TI2V-5B: one mini folder (Wan2.2 VAE, ti2v DiT), T2V and I2V with the same weights (docs/wan22_ti2v.md)
+step mini_wan22_ti2v "$PY" -m models.mini_ti2v --out "$M/wan22_ti2v"
+derive configs/infer/wan22/wan22_ti2v_5b.json "$C/wan22_ti2v_5b.json" "${SMALL[@]}" infer_steps=4
+step infer_wan22_ti2v_t2v infer --config "$C/wan22_ti2v_5b.json" --model_path "$M/wan22_ti2v" --prompt "$P" \
+  --save_result_path "$O/wan22_ti2v_t2v.mp4"
+step infer_wan22_ti2v_i2v infer --config "$C/wan22_ti2v_5b.json" --model_path "$M/wan22_ti2v" --task i2v \
+  --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_ti2v_i2v.mp4"
+
 echo
 echo "rehearsal in $WORK ($SECONDS s):"
 printf '%s\n' "${RESULTS[@]}"
