@@ -1,7 +1,7 @@
 """Mini Wan2.2 TI2V-5B folders: the official file layout, architectures and key names of `Wan-AI/Wan2.2-TI2V-5B`
 at reduced width and depth, with seeded random weights, for rehearsing TI2V inference on a CPU in seconds.
 
-    python -m models.mini_ti2v --out /tmp/mini-ti2v [--seed 0]
+    python -m models.mini_ti2v --out mini/ti2v [--seed 0]
 
 Files (the official layout, docs/wan22_ti2v.md):
 

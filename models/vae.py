@@ -332,7 +332,7 @@ class WanVAE(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(z_dim, 1 + (T-1)/ts, H/s, W/s) for ts = temporal_stride (4), s = spatial_stride (8); ValueError
+        """(z_dim, 1 + (T-1)/ts, H/s, W/s) for ts = temporal_stride (4), s = spatial_stride (8; Wan22VAE 16); ValueError
         naming the offending values unless T = ts*n + 1 and H, W are multiples of s."""
         ts, s = self.temporal_stride, self.spatial_stride
         problems = []
@@ -342,7 +342,7 @@ class WanVAE(nn.Module):
             if value < s or value % s:
                 problems.append(f"{name} must be a positive multiple of {s}, got {value}")
         if problems:
-            raise ValueError("WanVAE: " + "; ".join(problems))
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         return self.z_dim, 1 + (num_frames - 1) // ts, height // s, width // s
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:

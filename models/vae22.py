@@ -265,6 +265,8 @@ class Wan22VAE(nn.Module):
     _needs_tiles = WanVAE._needs_tiles
     _tiled = WanVAE._tiled
 
+    latent_shape = WanVAE.latent_shape  # the same 4n+1 / multiple-of-stride rule; its error names the class
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         ref = next((v for k, v in state_dict.items() if k.startswith(prefix)), None)
         if self.latent_mean.is_meta and ref is not None and not ref.is_meta:
@@ -272,20 +274,6 @@ class Wan22VAE(nn.Module):
             self.latent_mean = torch.tensor(self._config["latent_mean"], device=ref.device)
             self.latent_std = torch.tensor(self._config["latent_std"], device=ref.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(z_dim, 1 + (T-1)/ts, H/s, W/s) for ts = temporal_stride (4), s = spatial_stride (16); ValueError
-        naming the offending values unless T = ts*n + 1 and H, W are multiples of s."""
-        ts, s = self.temporal_stride, self.spatial_stride
-        problems = []
-        if num_frames < 1 or (num_frames - 1) % ts:
-            problems.append(f"num_frames must be {ts}n+1 (1, {ts + 1}, {2 * ts + 1}, ...), got {num_frames}")
-        for name, value in (("height", height), ("width", width)):
-            if value < s or value % s:
-                problems.append(f"{name} must be a positive multiple of {s}, got {value}")
-        if problems:
-            raise ValueError("Wan22VAE: " + "; ".join(problems))
-        return self.z_dim, 1 + (num_frames - 1) // ts, height // s, width // s
 
     def encode_mean(self, video: Tensor, chunk_sizes: Sequence[int] | None = None) -> Tensor:
         """Unnormalised posterior mean mu [B, z, 1+(T-1)/4, H/16, W/16] (fp32) of video [B, 3, T, H, W].
