@@ -295,11 +295,9 @@ def _place_components(cfg: InferConfig, comps, device: torch.device, offloads: l
     the device or their stage only."""
     from inference.offload import ComponentOffload, enable_offload
 
-    if dit_placed:
-        pass
-    elif cfg.cpu_offload:
+    if not dit_placed and cfg.cpu_offload:
         enable_offload(comps.dit, device, cfg.offload_granularity, getattr(comps.dit, "lazy_files", None))
-    else:
+    elif not dit_placed:
         comps.dit.to(device)
     modules = {"text_encoder": comps.text_encoder.model, "vae": comps.vae, "image_encoder": comps.image_encoder}
     for name, module in modules.items():
