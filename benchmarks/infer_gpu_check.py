@@ -112,7 +112,8 @@ def check_dit(geo: dict, device: torch.device, dtype: torch.dtype) -> tuple[dict
     reset_peak(device)
     if geo["cap_gib"] is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(geo["cap_gib"] * GB / total, device)
+        torch.cuda.set_per_process_memory_fraction(geo["cap_gib"] * GB / total, torch.cuda.current_device()
+                                                      if device.index is None else device.index)
         out["cap_gib"] = geo["cap_gib"]
     got = dit(**x).float()
     out["offloaded_s_per_step"] = timed(step, device)
@@ -207,11 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
               else platform.processor() or "cpu", "torch": torch.__version__, "frames": geo["frames"],
               "height": geo["height"], "width": geo["width"]}
     t0 = time.perf_counter()
+    out = Path(args.out + ".json")  # not with_suffix: a name such as "check_1.3b" keeps its dot
+    out.parent.mkdir(parents=True, exist_ok=True)
     result["dit"], dit = check_dit(geo, device, dtype)
+    out.write_text(json.dumps(result, indent=2) + "\n")  # kept if the end-to-end part is cut off
     result["end_to_end"] = check_end_to_end(geo, dit, device, dtype, args.teacher_steps)
     result["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out).with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

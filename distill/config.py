@@ -24,6 +24,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 ENGINES = ("ddp", "fsdp", "hybrid", "zero2", "zero3")
 SHARDED_ENGINES = ENGINES[1:]
 WANDB_MODES = ("disabled", "offline", "online")
+SAMPLE_FORMATS = ("mp4", "gif", "npy")  # inference.video.FORMATS (not imported: the config stays light)
 
 
 @dataclass
@@ -185,6 +186,8 @@ class LoggingConfig:
     sample_seed: int = 0
     sample_steps: int = 20
     sample_guide_scale: float = 5.0
+    # mp4 (H.264 through imageio-ffmpeg), gif or npy (raw uint8 frames): npy/gif need no ffmpeg binary
+    sample_format: str = "mp4"
     # I2V samples: one conditioning image file per sample prompt; empty: the data source's images (the shapes
     # world's first frame when data.source=shapes)
     sample_images: list[str] = field(default_factory=list)
@@ -227,6 +230,7 @@ class TrainConfig:
                              f"{len(images)} images for {len(prompts)} prompts")
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
+        _choice("logging.sample_format", self.logging.sample_format, SAMPLE_FORMATS)
         _choice("data.source", self.data.source, ("shapes", "prompts"))
         if self.data.source == "prompts" and (self.task == "pretrain" or not self.data.prompt_path):
             raise ValueError("data.source=prompts needs data.prompt_path and a distillation task (ode/dmd)")

@@ -73,10 +73,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.event(step, f"sample {key}: {path}")
-        if self.wandb is not None:
+        if self.wandb is not None and path.suffix in (".mp4", ".gif"):  # raw .npy frames stay on disk only
             import wandb
 
-            self.wandb.log({key: wandb.Video(str(path), format="mp4")}, step=step)
+            self.wandb.log({key: wandb.Video(str(path), format=path.suffix[1:])}, step=step)
 
     def event(self, step: int, text: str) -> None:
         if not self.enabled:

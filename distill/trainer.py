@@ -66,6 +66,7 @@ class Trainer:
                                            cpu=cpu)
         set_seed(cfg.seed, device_specific=True)
         self.device = self.accelerator.device
+        self.train_peak_gib = 0.0  # training peak (GiB) carried over a sampling pass to the next metrics row
         self.engine: ShardedEngine | None = None
         if engine in SHARDED_ENGINES:
             self.engine = make_engine(engine, self.device, cfg.grad_accum, cfg.batch_size,
@@ -108,15 +109,21 @@ class Trainer:
 
     def write_samples(self, step: int, pipe: WanPipeline) -> None:
         """Generate `logging.sample_prompts` with `pipe`'s config and DiT from fixed seeds, on the training device
-        and dtype (`sample_pipeline`), and log the mp4 files (I2V: `sample_conditioning_images`)."""
+        and dtype (`sample_pipeline`), and log the files, in `logging.sample_format` (I2V:
+        `sample_conditioning_images`)."""
         from inference.video import save_video
 
         prompts = self.cfg.logging.sample_prompts
         pipe = self.sample_pipeline(pipe.cfg, pipe.dit)
         image = self.sample_conditioning_images() if pipe.cfg.task == "i2v" else None
+        # the training peak so far is carried to the next metrics row; the sampling peak starts here
+        self.train_peak_gib = self.cuda_peak("training", self.train_peak_gib).get("training", 0.0)
         for i, video in enumerate(pipe.generate(prompts, image=image)):
-            path = save_video(video, self.run_dir / "samples" / f"step{step:07d}_{i}.mp4", fps=8)
+            name = f"step{step:07d}_{i}.{self.cfg.logging.sample_format}"
+            path = save_video(video, self.run_dir / "samples" / name, fps=8)
             self.logger.video(step, f"sample_{i}", path)
+        for key, peak in self.cuda_peak("sampling").items():
+            self.logger.event(step, f"{key} peak CUDA memory allocated: {peak:.2f} GiB")
 
     @property
     def train_dtype(self) -> torch.dtype:
@@ -297,7 +304,19 @@ class Trainer:
         self.pending = {}
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, "mean")
-        self.logger.log(step, dict(zip(keys, means.tolist(), strict=True)))
+        row = dict(zip(keys, means.tolist(), strict=True))
+        self.logger.log(step, row | self.cuda_peak("cuda_peak_gib", self.train_peak_gib))
+        self.train_peak_gib = 0.0
+
+    def cuda_peak(self, key: str, carry: float = 0.0) -> dict[str, float]:
+        """{key: max(carry, this rank's peak CUDA memory allocated in GiB since the last reset)}, then the peak is
+        reset; {} off CUDA. The allocator's host-side counters: no device sync. Training rows and sampling
+        (`write_samples`) report separate peaks, so a rehearsal tells which phase sets a run's memory."""
+        if self.device.type != "cuda":
+            return {}
+        peak = max(carry, torch.cuda.max_memory_allocated(self.device) / 2**30)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {key: peak}
 
     def pending_state(self) -> dict[str, list]:
         """The unfinished log row's sums for the checkpoint: key -> [sum, count, is_tensor], sums averaged over

@@ -3,7 +3,8 @@
 # a 1.3B folder in the official layout, one ODE-init step, ten DMD iterations of configs/train/wan/t2v_1.3b_dmd.yaml
 # with sampling every 5 iterations and the export at the end, then infer.py on the export with
 # configs/infer/wan/wan_t2v_distill_4step_cfg.json as shipped (81x480x832, 4 steps). Each stage's wall time and peak
-# GPU/host memory (scripts/peak_memory.py) and the time per DMD iteration go to
+# GPU/host memory (scripts/peak_memory.py), the time per DMD iteration (generator and critic-only apart) and the peak
+# CUDA memory of training iterations and of sampling go to
 # benchmarks/results/gpu_rehearsal_1.3b.{json,md} (scripts/rehearsal_report.py). Budget: < 8 minutes on one H200.
 #
 #   bash scripts/gpu_rehearsal.sh [WORK_DIR]                 # one CUDA GPU
@@ -38,8 +39,14 @@ EOF
     INFER=$WORK/infer.json ;;
   *) echo "GEOMETRY must be 1.3b or mini, got $GEOMETRY" >&2; exit 2 ;;
 esac
-printf '{"geometry": "%s", "dmd_iterations": %d, "sample_every": %d, "yaml": "%s", "infer_config": "%s"}\n' \
-  "$GEOMETRY" $STEPS $SAMPLE_EVERY "$YAML" "$INFER" >"$WORK/rehearsal.json"
+# A machine without an ffmpeg binary (imageio-ffmpeg) or wandb still rehearses: the videos go to .npy (raw frames)
+# and tracking is disabled; rehearsal.json records which.
+VIDEO=mp4
+"$PY" -c 'import imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()' 2>/dev/null || VIDEO=npy
+TRACKING=(logging.sample_format=$VIDEO)
+"$PY" -c 'import wandb' 2>/dev/null || TRACKING+=(logging.wandb_mode=disabled)
+printf '{"geometry": "%s", "dmd_iterations": %d, "sample_every": %d, "yaml": "%s", "infer_config": "%s", "video": "%s", "overrides": "%s"}\n' \
+  "$GEOMETRY" $STEPS $SAMPLE_EVERY "$YAML" "$INFER" "$VIDEO" "${TRACKING[*]}" >"$WORK/rehearsal.json"
 
 measure() {  # measure STAGE SCRIPT ARGS...: run in-process, record wall time and peak memory
   local stage=$1; shift
@@ -54,10 +61,14 @@ measure make_model scripts/make_mini_wan.py --task t2v --geometry "$GEOMETRY" --
 STORE=data.text_store=$R/text_store
 measure ode train.py --config $YAML task=ode run_dir="$R/ode" model.path="$M" data.prompt_path="$WORK/prompts.txt" \
   "$STORE" "${SIZE[@]}" max_steps=1 grad_accum=1 output_model="$R/ode/model" ode.trajectories="$R/ode/trajectories" \
-  ode.num_trajectories=1 ode.teacher_steps=8 ode.shard_size=1
+  ode.num_trajectories=1 ode.teacher_steps=8 ode.shard_size=1 "${TRACKING[@]}"
+# The ODE run's checkpoint (1.3B: generator + AdamW states, ~16 GiB) and trajectories are not needed any more: a
+# 64 GiB disk (the lent test machine's) cannot hold them next to the DMD checkpoint (~37 GiB: generator, critic and
+# EMA in fp32, AdamW states for generator and critic).
+rm -rf "$R/ode/checkpoints" "$R/ode/trajectories"
 measure dmd train.py --config $YAML run_dir="$R/dmd" model.path="$M" model.generator_init="$R/ode/model" \
   data.prompt_path="$WORK/prompts.txt" "$STORE" "${SIZE[@]}" max_steps=$STEPS grad_accum=1 output_model="$R/dmd/model" \
-  logging.every=1 logging.sample_every=$SAMPLE_EVERY logging.sample_steps=4
+  logging.every=1 logging.sample_every=$SAMPLE_EVERY logging.sample_steps=4 "${TRACKING[@]}"
 measure infer_export infer.py --config "$INFER" --model_path "$R/dmd/model" \
-  --prompt "A cat walks on the grass, realistic style." --save_result_path "$WORK/export.mp4"
-"$PY" -m scripts.rehearsal_report --work "$WORK" --out "$OUT" --skip-steps 1 $(seq $SAMPLE_EVERY $SAMPLE_EVERY $STEPS)
+  --prompt "A cat walks on the grass, realistic style." --save_result_path "$WORK/export.$VIDEO"
+"$PY" -m scripts.rehearsal_report --work "$WORK" --out "$OUT" --skip-steps 1 $(seq $((SAMPLE_EVERY + 1)) $SAMPLE_EVERY $STEPS)

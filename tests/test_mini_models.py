@@ -345,6 +345,48 @@ def test_rehearsal_report_iteration_times_and_table(tmp_path):
         iteration_times(run / "metrics.jsonl")
 
 
+def test_rehearsal_report_splits_generator_and_critic_steps_and_reads_cuda_peaks(tmp_path):
+    """step_time medians per iteration kind (warm-up step 1 out); the training rows' peak and the sampling event's."""
+    from scripts.rehearsal_report import markdown, summarize
+
+    run = tmp_path / "runs" / "dmd"
+    run.mkdir(parents=True)
+    rows = [{"step": 1, "time": 0.0, "step_time": 15.0, "generator_loss": 1.0, "cuda_peak_gib": 40.0},
+            {"step": 2, "time": 5.0, "step_time": 5.0, "cuda_peak_gib": 41.0},
+            {"step": 3, "time": 9.0, "step_time": 4.0, "cuda_peak_gib": 39.0},
+            {"step": 4, "time": 21.0, "step_time": 12.0, "generator_loss": 1.0, "cuda_peak_gib": 55.5},
+            {"step": 5, "time": 24.0, "step_time": 3.0, "cuda_peak_gib": 39.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "events.log").write_text("[step 5] sample sample_0: a.npy\n"
+                                    "[step 5] sampling peak CUDA memory allocated: 66.70 GiB\n")
+    summary = summarize(tmp_path)
+    assert summary["generator_iteration_s"] == 12.0 and summary["critic_only_iteration_s"] == 4.0
+    assert summary["training_peak_gib"] == 55.5 and summary["sampling_peak_gib"] == 66.7
+    text = markdown(summary)
+    assert "generator iteration 12.00 s, critic-only iteration 4.00 s" in text
+    assert "training iterations 55.5 GiB, sampling 66.7 GiB" in text
+    from scripts.rehearsal_report import main
+
+    main(["--work", str(tmp_path), "--out", str(tmp_path / "res" / "gpu_rehearsal_1.3b")])  # the dot stays
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["gpu_rehearsal_1.3b.json", "gpu_rehearsal_1.3b.md"]
+
+
+def test_trainer_cuda_peak_carries_the_training_peak_over_sampling(monkeypatch):
+    """Trainer.cuda_peak: max(carry, allocator peak), then reset; nothing off CUDA (no device needed)."""
+    from types import SimpleNamespace
+
+    from distill.trainer import Trainer
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    assert Trainer.cuda_peak(cuda, "k") == {"k": 3.0} and len(resets) == 1
+    assert Trainer.cuda_peak(cuda, "k", carry=5.0) == {"k": 5.0} and len(resets) == 2
+    assert Trainer.cuda_peak(SimpleNamespace(device=torch.device("cpu")), "k", carry=5.0) == {}
+    assert len(resets) == 2
+
+
 @pytest.mark.slow
 def test_gpu_rehearsal_script_runs_at_mini_geometry_on_cpu(tmp_path):
     """scripts/gpu_rehearsal.sh with GEOMETRY=mini: every stage exits 0, the export generates, the report is written."""
