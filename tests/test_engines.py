@@ -86,6 +86,13 @@ def test_config_validation(tiny_t2v_dir):
     assert load_train_config(None, [*dmd, "distributed.engine=zero3"]).distributed.engine == "zero3"
     with pytest.raises(ValueError, match="distributed.engine must be one of"):
         load_train_config(None, [*dmd, "distributed.engine=zero1"])
+    from distill.config import SAMPLE_FORMATS
+    from inference.video import FORMATS
+
+    assert SAMPLE_FORMATS == FORMATS  # the config's copy of the writer's formats
+    assert load_train_config(None, [*dmd, "logging.sample_format=npy"]).logging.sample_format == "npy"
+    with pytest.raises(ValueError, match=r"logging.sample_format must be one of \['mp4', 'gif', 'npy'\], got 'avi'"):
+        load_train_config(None, [*dmd, "logging.sample_format=avi"])
     with pytest.raises(ValueError, match="lora.enabled=True"):
         load_train_config(None, [*dmd, "distributed.engine=fsdp", "lora.enabled=true"])
     with pytest.raises(ValueError, match="task=pretrain"):

@@ -120,10 +120,13 @@ def test_i2v_prompt_file_data_samples_from_the_data_images(tmp_path, one_thread,
     pairs = _pairs(tmp_path, ["a sunset over the sea", "a dog", REAL_PROMPTS[0]])
     run = tmp_path / "run"
     cfg = _i2v_cfg(run, tiny_i2v_dir, "data.source=prompts", f"data.prompt_path={pairs}", "max_steps=2",
-                   "logging.sample_every=1", f"logging.sample_prompts={REAL_PROMPTS}".replace("'", '"'))
+                   "logging.sample_every=1", f"logging.sample_prompts={REAL_PROMPTS}".replace("'", '"'),
+                   "logging.sample_format=npy")  # raw frames: what a machine without ffmpeg writes
     trainer_for(cfg).train()
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        f"step000000{s}_{i}.mp4" for s in (1, 2) for i in (0, 1)]
+        f"step000000{s}_{i}.npy" for s in (1, 2) for i in (0, 1)]
+    frames = np.load(run / "samples" / "step0000002_1.npy")
+    assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3
     images = recorder.built[-1].images
     np.testing.assert_array_equal(images[0], read_image(tmp_path / "img2.png"))
     np.testing.assert_array_equal(images[1], read_image(tmp_path / "img1.png"))
