@@ -45,6 +45,9 @@ class DataConfig:
     prompt_path: str | None = None  # prompts source (distill/prompts.py) when source = prompts
     prompt_column: str = "prompt"
     image_column: str = "image"  # I2V with source = prompts: column of image paths
+    # Wan2.2 TI2V-5B only (docs/wan22_ti2v.md): the share of samples that start from their pair's image (the rest
+    # are text-only), drawn per sample from the data seed; None: 0.5 with a pairs source, 0 with a prompt list
+    image_fraction: float | None = None
     num_frames: int = 9
     height: int = 48
     width: int = 48
@@ -241,6 +244,8 @@ class TrainConfig:
         if not 0 <= self.optim.decay_steps <= self.max_steps:
             raise ValueError(f"optim.decay_steps must be in [0, max_steps={self.max_steps}], got "
                              f"{self.optim.decay_steps}")
+        if self.data.image_fraction is not None and not 0 <= self.data.image_fraction <= 1:
+            raise ValueError(f"data.image_fraction must be in [0, 1], got {self.data.image_fraction}")
         if not 0 <= self.data.cfg_dropout < 1:
             raise ValueError(f"data.cfg_dropout must be in [0, 1), got {self.data.cfg_dropout}")
         if (self.data.num_frames - 1) % 4:

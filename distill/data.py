@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from torch import Tensor
 from data.shapes import PROMPTS, ShapesWorld
 from distill.losses import Cond
 from distill.prompts import DATASET_SUFFIXES, load_prompts
+
+if TYPE_CHECKING:
+    from distill.ti2v import TI2VBatch
 from inference.pipeline import image_condition, image_to_tensor
 from inference.video import read_image
 
@@ -159,11 +163,16 @@ class PromptBatches:
 
     def __init__(self, prompts: Sequence[str], text, seed: int, rank: int = 0, world_size: int = 1, vae=None,
                  image_encoder=None, world: ShapesWorld | None = None, images: ImagePairs | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", image_fraction: float | None = None) -> None:
         self.prompts, self.text = list(prompts), text
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.vae, self.image_encoder, self.world, self.images = vae, image_encoder, world, images
         self.device = torch.device(device)
+        # TI2V (Wan2.2 TI2V-5B): None for other models; else the share of samples that start from their image
+        self.image_fraction = image_fraction
+        if image_fraction and world is None and images is None:
+            raise ValueError(f"TI2V with data.image_fraction={image_fraction} needs conditioning images: "
+                             "data.source=shapes or a prompt/image pairs source (or data.image_fraction=0)")
         if len(text) != len(self.prompts) + 1:
             raise ValueError(f"the text table holds {len(text)} rows; expected the {len(self.prompts)} prompts "
                              f"and the negative prompt")
@@ -195,13 +204,42 @@ class PromptBatches:
             uncond.clip_fea, uncond.y = cond.clip_fea, cond.y
         return cond, uncond, prompts
 
+    @torch.no_grad()
+    def get_ti2v(self, step: int, micro: int, accum: int, batch: int,
+                 latent_shape: tuple[int, int, int, int]) -> tuple[Cond, Cond, list[str], TI2VBatch]:
+        """TI2V: (cond, uncond, prompts) as `get` and the batch's `TI2VBatch` (distill/ti2v.py): sample i starts
+        from its image with probability `image_fraction` (drawn from the data seed and the batch's position, so
+        resume and the split across ranks see the same choice), its image fitted (scaled to cover, centre crop)
+        to the training size and encoded alone by the Wan2.2 VAE: latent [z, 1, h, w] on frame 0."""
+        from distill.ti2v import TI2VBatch
+        from inference.ti2v_pipeline import fit_image
+
+        cond, uncond, prompts = self.get(step, micro, accum, batch, latent_shape)
+        rows, seeds = self.draw(step, micro, accum, batch)
+        index = ((step * accum + micro) * self.world_size + self.rank) * batch
+        with_image = np.random.default_rng([self.seed, index, 2]).random(batch) < self.image_fraction
+        latents: list[Tensor | None] = [None] * batch
+        picked = [i for i in range(batch) if with_image[i]]
+        if picked:
+            _, _, h, w = latent_shape
+            s = self.vae.spatial_stride
+            frames = self.first_frames([rows[i] for i in picked], [seeds[i] for i in picked])
+            images = torch.cat([fit_image(image_to_tensor(f)[None], h * s, w * s) for f in frames])
+            encoded = self.vae.encode(images.to(self.device)[:, :, None]).float()  # [n, z, 1, h, w]
+            for j, i in enumerate(picked):
+                latents[i] = encoded[j]
+        return cond, uncond, prompts, TI2VBatch.build(latents, latent_shape, self.device)
+
+    def first_frames(self, rows: Sequence[int], seeds: Sequence[int]) -> list[np.ndarray]:
+        """uint8 [H, W, 3] conditioning images: the shapes world's first frames, or the pairs' images."""
+        if self.world is not None:
+            return [self.world.render(self.prompts[r], s)[0] for r, s in zip(rows, seeds)]
+        return [self.images.image(r) for r in rows]
+
     def image_inputs(self, rows: Sequence[int], seeds: Sequence[int],
                      latent_shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
         """(clip_fea, y) of the batch's first frames, resized to the training size, encoded on `device`."""
-        if self.world is not None:
-            frames = [self.world.render(self.prompts[r], s)[0] for r, s in zip(rows, seeds)]
-        else:
-            frames = [self.images.image(r) for r in rows]
+        frames = self.first_frames(rows, seeds)
         _, _, h, w = latent_shape
         size = (h * self.vae.spatial_stride, w * self.vae.spatial_stride)
         images = torch.cat([torch.nn.functional.interpolate(image_to_tensor(f)[None], size=size, mode="bicubic")
@@ -209,11 +247,34 @@ class PromptBatches:
         return image_condition(self.vae, self.image_encoder, images.to(self.device), latent_shape)
 
 
-def is_i2v(cfg) -> bool:
-    """Whether the config's DiT (model.path's config.json, else model.spec) takes image conditioning."""
+def model_kind(model_type: str) -> str:
+    """The conditioning a DiT's model_type takes: "i2v" (Wan2.1 I2V/FLF2V: CLIP features and y), "ti2v" (Wan2.2
+    TI2V-5B: text alone or an image latent on frame 0, docs/wan22_ti2v.md) or "t2v"."""
+    return "i2v" if model_type in ("i2v", "flf2v") else "ti2v" if model_type == "ti2v" else "t2v"
+
+
+def config_kind(cfg) -> str:
+    """`model_kind` of the config's DiT (model.path's config.json, else model.spec)."""
     from distill.plan import dit_config
 
-    return dit_config(cfg)["model_type"] in ("i2v", "flf2v")
+    return model_kind(dit_config(cfg)["model_type"])
+
+
+def is_i2v(cfg) -> bool:
+    """Whether the config's DiT takes Wan2.1 image conditioning (CLIP features and y)."""
+    return config_kind(cfg) == "i2v"
+
+
+def image_fraction(cfg, kind: str) -> float | None:
+    """data.image_fraction resolved for a DiT of `kind`: TI2V -> the value, or 0.5 when unset; other kinds -> None
+    (setting it there is an error: it would be ignored)."""
+    fraction = cfg.data.image_fraction
+    if kind != "ti2v":
+        if fraction is not None:
+            raise ValueError(f"data.image_fraction={fraction} applies to Wan2.2 TI2V-5B teachers only (the share of "
+                             f"samples that start from an image); model.path holds a {kind} model: unset it")
+        return None
+    return 0.5 if fraction is None else float(fraction)
 
 
 def shapes_world(data) -> ShapesWorld:
@@ -222,31 +283,41 @@ def shapes_world(data) -> ShapesWorld:
     return ShapesWorld(data.num_frames, data.height, data.width, size_range=tuple(data.object_size))
 
 
-def source_data(cfg, i2v: bool) -> tuple[list[str], ShapesWorld | None, ImagePairs | None]:
-    """(prompts in source order, shapes world or None, image pairs or None) of a distillation config."""
+def source_data(cfg, kind: str) -> tuple[list[str], ShapesWorld | None, ImagePairs | None]:
+    """(prompts in source order, shapes world or None, image pairs or None) of a distillation config whose DiT
+    is of `kind` (`model_kind`): I2V, and TI2V with a non-zero data.image_fraction, read prompt/image pairs."""
+    fraction = image_fraction(cfg, kind)
     if cfg.data.source == "shapes":
         return list(PROMPTS), shapes_world(cfg.data), None
-    if i2v:
-        pairs = load_pairs(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
+    if kind == "i2v" or fraction:
+        try:
+            pairs = load_pairs(cfg.data.prompt_path, cfg.data.prompt_column, cfg.data.image_column)
+        except ValueError as e:
+            if kind != "ti2v":
+                raise
+            raise ValueError(f"{e}. TI2V with data.image_fraction={fraction} needs prompt/image pairs; set "
+                             f"data.image_fraction=0 to train on the prompts alone (text-to-video only)") from e
         return pairs.prompts, None, pairs
     return load_prompts(cfg.data.prompt_path, cfg.data.prompt_column), None, None
 
 
 def source_prompts(cfg) -> list[str]:
     """The training prompts of a config in source order (what the prompt store encodes before the negative)."""
-    return source_data(cfg, is_i2v(cfg))[0]
+    return source_data(cfg, config_kind(cfg))[0]
 
 
-def build_prompt_batches(cfg, i2v: bool, text_encoder, vae, image_encoder, text_len: int, seed: int,
+def build_prompt_batches(cfg, kind: str, text_encoder, vae, image_encoder, text_len: int, seed: int,
                          device: torch.device, rank: int = 0, world_size: int = 1,
                          barrier: Callable[[], None] = lambda: None,
                          log: Callable[[str], None] = print) -> PromptBatches:
     """The distillation data of a config: prompts (and images) from `data.*`, text rows from the prompt store
     `data.text_store` (encoded first where missing, by all ranks together) or, without one, an in-memory
-    cache; I2V encoders moved to `device`. Every rank must call it (the store encode holds barriers)."""
+    cache; I2V (and TI2V) encoders moved to `device`. `kind`: the DiT's `model_kind`. Every rank must call it (the
+    store encode holds barriers)."""
     from distill.encode_prompts import ensure_store, negative_prompt
 
-    prompts, world, pairs = source_data(cfg, i2v)
+    prompts, world, pairs = source_data(cfg, kind)
+    fraction = image_fraction(cfg, kind)
     listed = prompts + [negative_prompt(cfg)]
     if cfg.data.text_store:
         text = ensure_store(cfg, listed, text_len, device, rank, world_size, barrier, log)
@@ -254,7 +325,9 @@ def build_prompt_batches(cfg, i2v: bool, text_encoder, vae, image_encoder, text_
         text = TextCache(text_encoder, listed, text_len)
     if image_encoder is not None:
         vae, image_encoder = vae.to(device), image_encoder.to(device)
-    return PromptBatches(prompts, text, seed, rank, world_size, vae, image_encoder, world, pairs, device)
+    elif fraction:
+        vae = vae.to(device)  # TI2V encodes the start images with the Wan2.2 VAE
+    return PromptBatches(prompts, text, seed, rank, world_size, vae, image_encoder, world, pairs, device, fraction)
 
 def all_prompts() -> list[str]:
     """The world's 96 prompts plus "" (the unconditional prompt for CFG dropout)."""

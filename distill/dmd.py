@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from distill.adapters import lightx2v_lora, merged, with_lora
-from distill.data import PromptBatches, build_prompt_batches
+from distill.data import PromptBatches, build_prompt_batches, model_kind
 from distill.ema import EMA
 from distill.losses import Cond, critic_loss, dmd_loss
 from distill.moe import build_dmd as build_moe_dmd
 from distill.moe import check_one_dit, is_expert_folder, pair_student
 from distill.moe_export import export_pair
+from distill.ti2v import TI2VBatch, TI2VNet, ti2v_rollout
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
 from inference.sampling import backward_simulation, gaussian_noise
@@ -60,7 +61,7 @@ class DMDTrainer(Trainer):
         cfg = self.cfg
         teacher = Path(cfg.model.path)
         real = load_dit(teacher, dtype=torch.float32)
-        self.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
+        self.task = model_kind(real.model_type)
         self.components_path = Path(cfg.model.components_path or teacher)
         self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task,
                                                                          real.text_len)
@@ -120,7 +121,7 @@ class DMDTrainer(Trainer):
             self.networks[name], self.optimizers[name] = net, opt
         self.gen, self.critic = self.networks["generator"], self.networks["critic"]
         self.opt_g, self.opt_c = self.optimizers["generator"], self.optimizers["critic"]
-        self.task = "i2v" if model_type in ("i2v", "flf2v") else "t2v"
+        self.task = model_kind(model_type)
         self.components_path = Path(cfg.model.components_path or teacher)
         self.vae, self.text_encoder, self.image_encoder = load_encoders(self.components_path, self.task, text_len)
         self.ema = EMA(self.unwrap(self.gen), cfg.dmd.ema_decay, cfg.dmd.ema_start, local=engine.ema_local)
@@ -141,19 +142,38 @@ class DMDTrainer(Trainer):
     def _build_data(self, text_len: int) -> PromptBatches:
         """Prompts (I2V: images) and text rows (prompt store or in-memory cache): distill/data.py."""
         acc = self.accelerator
-        return build_prompt_batches(self.cfg, self.task == "i2v", self.text_encoder, self.vae, self.image_encoder,
+        return build_prompt_batches(self.cfg, self.task, self.text_encoder, self.vae, self.image_encoder,
                                     text_len, self.cfg.data.seed, self.device, acc.process_index,
                                     acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
 
     # ---- one iteration ----------------------------------------------------------------------------------------
-    def _batch(self, step: int, micro: int, phase: int) -> tuple[Cond, Cond, torch.Tensor, torch.Generator]:
+    def _batch(self, step: int, micro: int, phase: int
+               ) -> tuple[Cond, Cond, torch.Tensor, torch.Generator, TI2VBatch | None]:
+        """(cond, uncond, noise, rng, TI2V conditioning or None) of a micro-batch."""
         cfg, acc = self.cfg, self.accelerator
-        cond, uncond, _ = self.data.get(2 * step + phase, micro, cfg.grad_accum, cfg.batch_size, self.latent_shape)
+        args = (2 * step + phase, micro, cfg.grad_accum, cfg.batch_size, self.latent_shape)
+        if self.task == "ti2v":
+            cond, uncond, _, ti2v = self.data.get_ti2v(*args)
+        else:
+            (cond, uncond, _), ti2v = self.data.get(*args), None
         # keyed by the chunk's index within the step (micro-batch-major, like the data): N processes at batch B
         # equal one process at batch B with grad_accum=N (a 5-tuple: never the 4-tuple key of exit_step)
         rng = seeded(cfg.seed, step, phase, micro * acc.num_processes + acc.process_index, 0)
         noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=rng).to(self.device)
-        return cond.to(self.device), uncond.to(self.device), noise, rng
+        return cond.to(self.device), uncond.to(self.device), noise, rng, ti2v
+
+    def rollout(self, cond: Cond, ti2v: TI2VBatch | None, noise: torch.Tensor, k: int,
+                rng: torch.Generator) -> torch.Tensor:
+        """The generator's backward simulation to exit step k -> x0 [B, C, F, h, w]; TI2V: through `TI2VNet`,
+        frame 0 of the image samples replaced by their image latents (distill/ti2v.py)."""
+        if ti2v is None:
+            return backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, gaussian_noise(rng))[0]
+        return ti2v_rollout(self.gen, cond, ti2v, noise, self.scheduler, k, gaussian_noise(rng))[0]
+
+    @staticmethod
+    def scored(net, ti2v: TI2VBatch | None):
+        """A score network as the losses call it: itself, or TI2V: wrapped to see the batch's image latents."""
+        return net if ti2v is None else TI2VNet(net, ti2v)
 
     def exit_step(self, step: int, phase: int) -> int:
         """The graded exit step, drawn from (seed, step) only: identical on every rank without communication."""
@@ -164,15 +184,14 @@ class DMDTrainer(Trainer):
         k = self.exit_step(step, 0)
         logs: Metrics = {"exit_step": float(k)}
         for micro in range(cfg.grad_accum):
-            cond, uncond, noise, rng = self._batch(step, micro, 0)
+            cond, uncond, noise, rng, ti2v = self._batch(step, micro, 0)
             last = micro == cfg.grad_accum - 1
             with self.no_sync("generator", last):
                 with acc.autocast():
-                    x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k,
-                                                  gaussian_noise(rng))
-                    loss, m = dmd_loss(x, self.real_score, self.critic, cond, uncond, self.real_guidance,
-                                       cfg.dmd.timestep_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng,
-                                       cfg.dmd.guide_interval)
+                    x = self.rollout(cond, ti2v, noise, k, rng)
+                    loss, m = dmd_loss(x, self.scored(self.real_score, ti2v), self.scored(self.critic, ti2v), cond,
+                                       uncond, self.real_guidance, cfg.dmd.timestep_shift, cfg.dmd.t_min,
+                                       cfg.dmd.t_max, rng, cfg.dmd.guide_interval, mask=None if ti2v is None else ti2v.mask)
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
                     return {"generator_skipped": 1.0}
@@ -188,13 +207,14 @@ class DMDTrainer(Trainer):
         k = self.exit_step(step, 1)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            cond, _, noise, rng = self._batch(step, micro, 1)
+            cond, _, noise, rng, ti2v = self._batch(step, micro, 1)
             with torch.no_grad(), acc.autocast():
-                x, _, _ = backward_simulation(partial(cond, self.gen), noise, self.scheduler, k, gaussian_noise(rng))
+                x = self.rollout(cond, ti2v, noise, k, rng)
             last = micro == cfg.grad_accum - 1
             with self.no_sync("critic", last):
                 with acc.autocast():
-                    loss = critic_loss(self.critic, x, cond, cfg.dmd.timestep_shift, cfg.dmd.t_min, cfg.dmd.t_max, rng)
+                    loss = critic_loss(self.scored(self.critic, ti2v), x, cond, cfg.dmd.timestep_shift, cfg.dmd.t_min,
+                                       cfg.dmd.t_max, rng, mask=None if ti2v is None else ti2v.mask)
                 if not self.check_finite(loss.detach(), "critic"):
                     self.opt_c.zero_grad(set_to_none=True)
                     return {"critic_skipped": 1.0}
@@ -243,7 +263,9 @@ class DMDTrainer(Trainer):
     def infer_config(self) -> InferConfig:
         cfg = self.cfg
         sch = cfg.distill.schedule()
-        return InferConfig(task=self.task, model_cls="wan2.1_distill",
+        # a TI2V student samples text-to-video through model_cls wan2.2 (TI2VPipeline; docs/wan22_ti2v.md)
+        task, model_cls = ("t2v", "wan2.2") if self.task == "ti2v" else (self.task, "wan2.1_distill")
+        return InferConfig(task=task, model_cls=model_cls,
                            denoising_step_list=list(sch.denoising_step_list), sample_shift=sch.shift,
                            distill_update=sch.update, enable_cfg=False,
                            target_video_length=cfg.data.num_frames, target_height=cfg.data.height,

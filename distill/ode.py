@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from distill.data import PromptBatches, build_prompt_batches
+from distill.data import PromptBatches, build_prompt_batches, model_kind
 from distill.encode_prompts import SafetensorsRows, negative_prompt, prompts_digest
 from distill.losses import Cond, ode_regression_loss
 from distill.moe import load_teacher, set_checkpointing
@@ -138,12 +138,12 @@ class ODETrainer(Trainer):
         cfg, acc = self.cfg, self.accelerator
         # one DiT, or a two-expert (Wan2.2 A14B) pair: distill/moe.py
         teacher = load_teacher(cfg, acc).eval().requires_grad_(False).to(self.device)
-        self.task = "i2v" if teacher.model_type in ("i2v", "flf2v") else "t2v"
+        self.task = model_kind(teacher.model_type)  # a TI2V teacher was refused by distill/preflight.py
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
         self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
         self.sigmas = cfg.distill.schedule().sigmas()[:-1]
         self.bank_sigmas = self.existing_bank_sigmas(Path(cfg.ode.trajectories))
-        data = build_prompt_batches(cfg, self.task == "i2v", text_encoder, self.vae, image_encoder,
+        data = build_prompt_batches(cfg, self.task, text_encoder, self.vae, image_encoder,
                                     teacher.text_len, cfg.data.seed + 7919, self.device, acc.process_index,
                                     acc.num_processes, acc.wait_for_everyone, lambda m: self.logger.event(0, m))
         # a shard's prompts are drawn by its index alone (as one process would): any process count, same shards

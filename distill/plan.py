@@ -161,12 +161,15 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
     y = torch.zeros(1, config["in_dim"] - z, f, h, w) if config["model_type"] in ("i2v", "flf2v") else None
     ctx = torch.zeros(1, config["text_len"], config.get("text_dim", 4096))
     clip = torch.zeros(1, 257, config.get("clip_dim", 1280)) if y is not None else None
+    # TI2V: per-token timesteps [1, L] (an image-conditioned sample: a modulation per token, the larger case)
+    pt, ph, pw = config.get("patch_size", (1, 2, 2))
+    t = torch.full((1, (f // pt) * (h // ph) * (w // pw)) if config["model_type"] == "ti2v" else (1,), 500.0)
     amp = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
     orig = wan_layers.attention
     wan_layers.attention = _FusedAttention.apply
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-            model(x, torch.full((1,), 500.0), ctx, clip_fea=clip, y=y)
+            model(x, t, ctx, clip_fea=clip, y=y)
     finally:
         wan_layers.attention = orig
     return sum(seen.values())
@@ -224,7 +227,8 @@ def activation_memory(config: dict, tokens: int, batch: int, checkpointing: bool
 def latent_grid(cfg: TrainConfig) -> tuple[int, int, int]:
     """Latent (f, h, w) of the training clips: temporal stride 4, the spatial stride of `model.spec`'s VAE
     (Wan VAE 8; the tiny PCA codec its own)."""
-    stride = get_spec(cfg.model.spec).vae.get("spatial_stride", 8)
+    vae = get_spec(cfg.model.spec).vae
+    stride = 16 if vae["type"] == "wan22_vae" else vae.get("spatial_stride", 8)  # Wan2.2 VAE: 8x with a 2x2 patchify
     return 1 + (cfg.data.num_frames - 1) // 4, cfg.data.height // stride, cfg.data.width // stride
 
 
@@ -283,7 +287,9 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     if cfg.task != "pretrain" and image_encoder_params(cfg):  # I2V: CLIP and VAE run on the GPU per batch
         for key in ("peak in backward", "peak in optimizer step", "peak"):
             mem[key] += 4 * image_encoder_params(cfg) / GB
-        mem = {"I2V encoders (CLIP + VAE, fp32)": 4 * image_encoder_params(cfg) / GB, **mem}
+        label = "TI2V image encoder (Wan2.2 VAE, fp32)" if dit_config(cfg)["model_type"] == "ti2v" else \
+            "I2V encoders (CLIP + VAE, fp32)"
+        mem = {label: 4 * image_encoder_params(cfg) / GB, **mem}
     host = host_memory(cfg, n, engine, gpus, sum(cpu.values()), gpus_per_node)
     return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens), host)
 
@@ -310,6 +316,10 @@ def _encoder_params(spec: str) -> tuple[int, int, int]:
             from models.vae import WanVAE
 
             vae = WanVAE(**args(s.vae))
+        elif s.vae["type"] == "wan22_vae":  # Wan2.2 TI2V-5B
+            from models.vae22 import Wan22VAE
+
+            vae = Wan22VAE(**args(s.vae))
         else:
             vae = PCACodec(**args(s.vae))
     count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -318,8 +328,12 @@ def _encoder_params(spec: str) -> tuple[int, int, int]:
 
 def image_encoder_params(cfg: TrainConfig) -> int:
     """CLIP + VAE parameters for an I2V DiT (model.path's config.json, else model.spec), 0 for T2V; a T2V spec
-    name with an I2V folder counts the I2V components of its family (tiny or Wan2.1)."""
-    if dit_config(cfg)["model_type"] not in ("i2v", "flf2v"):
+    name with an I2V folder counts the I2V components of its family (tiny or Wan2.1). TI2V-5B: the Wan2.2 VAE,
+    which encodes the start images on the GPU when data.image_fraction is not 0."""
+    model_type = dit_config(cfg)["model_type"]
+    if model_type == "ti2v":
+        return _encoder_params("wan2.2-ti2v-5b")[2] if cfg.data.image_fraction != 0 else 0
+    if model_type not in ("i2v", "flf2v"):
         return 0
     spec = cfg.model.spec
     if not get_spec(spec).image_encoder:

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from distill.config import TrainConfig
-from distill.data import shapes_world
+from distill.data import config_kind, image_fraction, shapes_world
 from models.loading import DIT_WEIGHTS, find_dit_weights
 
 
@@ -20,9 +20,28 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.data.source == "shapes":
         shapes_world(cfg.data)  # raises if the object size range does not fit the frame and the travel
     check_weight_files(cfg)
+    check_conditioning(cfg)
     missing = [p for p in cfg.logging.sample_images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"logging.sample_images: image not found: {', '.join(missing)}")
+
+
+def check_conditioning(cfg: TrainConfig) -> None:
+    """The teacher's kind of conditioning (its config.json) against the task and data.image_fraction: a TI2V-5B
+    teacher has no ODE initialisation, and data.image_fraction applies to TI2V teachers only."""
+    if cfg.task not in ("ode", "dmd"):
+        return
+    from distill.moe import is_expert_folder
+
+    if is_expert_folder(cfg.model.path):
+        kind = "t2v"  # a two-expert folder (distill/moe.py checks it); image_fraction is refused below
+    else:
+        kind = config_kind(cfg)
+    image_fraction(cfg, kind)  # set for a non-TI2V teacher: an error naming it
+    if kind == "ti2v" and cfg.task == "ode":
+        raise ValueError(f"ODE initialisation from a Wan2.2 TI2V-5B teacher ({cfg.model.path}) is not built (its "
+                         "trajectories would need the image-conditioned sampler): run task=dmd from the teacher "
+                         "(docs/wan22_ti2v.md)")
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -36,6 +36,7 @@ from distill.logger import MetricsLogger
 from distill.preflight import preflight
 from inference.config import InferConfig
 from inference.pipeline import WanPipeline
+from inference.ti2v_pipeline import TI2V_MODEL_TYPE, TI2VPipeline
 
 MAX_NONFINITE = 5  # consecutive skipped updates (non-finite loss, or bad update) before the run stops
 TRAIN_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -135,7 +136,8 @@ class Trainer:
         with the VAE and the image encoder on that device too (copies when the data keeps them elsewhere)."""
         dit = dit.to(self.device, self.train_dtype).eval()
         vae, image_encoder = self._on_device("vae", self.vae), self._on_device("image_encoder", self.image_encoder)
-        return WanPipeline(icfg, dit, vae, self.text_encoder, image_encoder, self.device, self.train_dtype)
+        pipeline = TI2VPipeline if getattr(dit, "model_type", None) == TI2V_MODEL_TYPE else WanPipeline
+        return pipeline(icfg, dit, vae, self.text_encoder, image_encoder, self.device, self.train_dtype)
 
     def _on_device(self, name: str, module: nn.Module | None) -> nn.Module | None:
         """`module` if it already lives on the training device, else a copy there (made once, then reused)."""

@@ -15,7 +15,13 @@ from inference.lora import apply_lora_configs
 from inference.lora_keys import resolve_lora_path
 from inference.pipeline import WanPipeline
 from inference.schedule import SCHEDULE_FILE, read_schedule
-from inference.ti2v_pipeline import TI2VPipeline, check_ti2v_request
+from inference.ti2v_pipeline import (
+    TI2V_MODEL_CLS,
+    TI2V_MODEL_TYPE,
+    TI2VPipeline,
+    check_ti2v_request,
+    folder_model_type,
+)
 from models.components import load_dit
 from models.diffusers_folder import load_any_folder
 from models.loading import DISTILL_DIR, DISTILL_NAMES, DIT_WEIGHTS, find_dit_weights
@@ -90,9 +96,15 @@ def merged_loras(path: Path) -> bool:
         return False
 
 
+def reads_distilled(cfg: InferConfig) -> bool:
+    """Whether the loader reads `distill_models/`: model_cls wan2.1_distill, or wan2.2 (TI2V-5B, for which LightX2V
+    has no distill class) with a student's denoising_step_list (this project's TI2V DMD export)."""
+    return cfg.model_cls == "wan2.1_distill" or (cfg.model_cls == TI2V_MODEL_CLS and cfg.is_distill)
+
+
 def dit_files(cfg: InferConfig, folder: Path) -> tuple[list[Path], bool]:
     """The DiT weight files the loader will read, and whether they are distilled (or explicitly chosen) weights."""
-    distill = cfg.model_cls == "wan2.1_distill"
+    distill = reads_distilled(cfg)
     if cfg.dit_quantized:
         from inference.quantized import find_quantized_weights
 
@@ -123,7 +135,7 @@ def check_distill_source(cfg: InferConfig, folder: Path, distilled: bool, on_bas
     if not cfg.is_distill or distilled or cfg.lora_configs:
         return
     has_distill = any((folder / DISTILL_DIR / name).is_file() for name in DISTILL_NAMES)
-    if has_distill and cfg.model_cls != "wan2.1_distill":
+    if has_distill and not reads_distilled(cfg):
         fix = (f"{folder / DISTILL_DIR} holds distilled weights: pass --model_cls wan2.1_distill (or set "
                "\"model_cls\": \"wan2.1_distill\" in the config) to load them")
     else:
@@ -184,7 +196,8 @@ def with_folder_schedule(cfg: InferConfig, folder: Path) -> InferConfig:
                              f"sample_shift in the config")
         return cfg
     if not cfg.is_distill:
-        student = "wan2.2_moe_distill" if cfg.is_moe else "wan2.1_distill"
+        student = "wan2.2_moe_distill" if cfg.is_moe else \
+            TI2V_MODEL_CLS if folder_model_type(folder) == TI2V_MODEL_TYPE else "wan2.1_distill"
         return cfg.replace(model_cls=student, denoising_step_list=list(trained.denoising_step_list),
                            sample_shift=trained.shift, distill_update=trained.update, enable_cfg=False)
     if not cfg.schedule().same_timesteps(trained):
@@ -269,7 +282,7 @@ def load_pipeline(config: str | Path | InferConfig | None, model_path: str | Pat
                            offload=stages, experts_offloaded=offloaded)
     ti2v = check_ti2v_request(cfg, folder)  # TI2V-5B: no CLIP to load, TI2VPipeline (inference/ti2v_pipeline.py)
     task = "t2v" if ti2v else cfg.task
-    comps = load_any_folder(folder, task, distill=cfg.model_cls == "wan2.1_distill",  # official/diffusers
+    comps = load_any_folder(folder, task, distill=reads_distilled(cfg),  # official/diffusers
                             dit_ckpt=dit_ckpt, dtype=dtype, device=home, dit_loader=dit_loader)
     apply_lora_configs(comps.dit, cfg.lora_configs, cfg.lora_mode, base_dir=REPO_ROOT)  # runtime: runtime_loras(dit)
     if cfg.text_len is not None and cfg.text_len != comps.dit.text_len:  # accepted, not honoured: say so

@@ -184,12 +184,13 @@ def save_components(folder: str | Path, vae: nn.Module, text_model: UMT5Encoder,
 
 def copy_components(src: str | Path, dst: str | Path) -> None:
     """Copy the non-DiT files of a folder: components.json and the files it names (tiny), or, in a real Wan
-    folder, the VAE, umT5 and CLIP files and the tokenizer folder that are present."""
+    folder, the VAE (Wan2.1 or Wan2.2), umT5 and CLIP files and the tokenizer folder that are present."""
+    from models.vae22 import WAN22_VAE_FILE
+
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if not (src / COMPONENTS).is_file():
-        for entry in WAN_COMPONENTS.values():
-            name = entry.get("file") or entry["path"]
+        for name in [e.get("file") or e["path"] for e in WAN_COMPONENTS.values()] + [WAN22_VAE_FILE]:
             if (src / name).is_dir():
                 shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
             elif (src / name).is_file():
