@@ -189,9 +189,10 @@ class DMDTrainer(Trainer):
             with self.no_sync("generator", last):
                 with acc.autocast():
                     x = self.rollout(cond, ti2v, noise, k, rng)
+                    mask = None if ti2v is None else ti2v.mask
                     loss, m = dmd_loss(x, self.scored(self.real_score, ti2v), self.scored(self.critic, ti2v), cond,
                                        uncond, self.real_guidance, cfg.dmd.timestep_shift, cfg.dmd.t_min,
-                                       cfg.dmd.t_max, rng, cfg.dmd.guide_interval, mask=None if ti2v is None else ti2v.mask)
+                                       cfg.dmd.t_max, rng, cfg.dmd.guide_interval, mask=mask)
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
                     return {"generator_skipped": 1.0}
