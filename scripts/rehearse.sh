@@ -260,6 +260,17 @@ step infer_wan22_ti2v_t2v infer --config "$C/wan22_ti2v_5b.json" --model_path "$
   --save_result_path "$O/wan22_ti2v_t2v.mp4"
 step infer_wan22_ti2v_i2v infer --config "$C/wan22_ti2v_5b.json" --model_path "$M/wan22_ti2v" --task i2v \
   --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_ti2v_i2v.mp4"
+# TI2V DMD with the shipped YAML (half the samples from their pair's image), then its export in both tasks
+TI2V_SIZE=(data.num_frames=5 data.height=32 data.width=32)
+step train_wan22_ti2v_dmd "$PY" train.py --config configs/train/wan/ti2v_5b_dmd.yaml run_dir="$R/ti2v_dmd" \
+  model.path="$M/wan22_ti2v" data.prompt_path="$WORK/i2v_pairs.jsonl" data.text_store="$R/ti2v_store" \
+  "${TI2V_SIZE[@]}" max_steps=2 grad_accum=1 dmd.dfake_gen_update_ratio=1 output_model="$R/ti2v_dmd/model" \
+  logging.sample_every=1 logging.sample_steps=4
+derive configs/infer/wan22/wan22_ti2v_5b_distill_4step.json "$C/wan22_ti2v_distill.json" "${SMALL[@]}"
+step infer_wan22_ti2v_distill_t2v infer --config "$C/wan22_ti2v_distill.json" --model_path "$R/ti2v_dmd/model" \
+  --prompt "$P" --save_result_path "$O/wan22_ti2v_distill_t2v.mp4"
+step infer_wan22_ti2v_distill_i2v infer --config "$C/wan22_ti2v_distill.json" --model_path "$R/ti2v_dmd/model" \
+  --task i2v --image_path "$WORK/image0.png" --prompt "$P" --save_result_path "$O/wan22_ti2v_distill_i2v.mp4"
 
 echo
 echo "rehearsal in $WORK ($SECONDS s):"
