@@ -133,6 +133,10 @@ class DMDConfig:
     # two-expert teacher: the teacher's CFG scale at critic timesteps below the boundary (the low-noise expert's;
     # Wan2.2 T2V-A14B samples with 4.0 high-noise, 3.0 low-noise); None: dmd.guide_scale for both
     guide_scale_low: float | None = None
+    # two-expert teacher: critic timesteps drawn per_sample, or per_call (the side of the boundary drawn once per
+    # micro-batch, the same on every rank, each sample inside it: same marginal, distill/losses.py `side_draw`);
+    # auto: per_call under fsdp / hybrid, whose sharded experts all-gather only if every rank runs the same one
+    critic_side: str = "auto"
 
 
 @dataclass
@@ -274,6 +278,7 @@ class TrainConfig:
         _choice("dmd.generator", self.dmd.generator, ("per_expert", "shared"))
         _choice("dmd.critic", self.dmd.critic, ("per_expert", "shared"))
         _choice("dmd.shared_init", self.dmd.shared_init, ("high_noise_model", "low_noise_model"))
+        _choice("dmd.critic_side", self.dmd.critic_side, ("auto", "per_sample", "per_call"))
         if self.task in ("ode", "dmd") and self.model.path is None:
             raise ValueError(f"task {self.task} needs model.path: the teacher's Wan-style folder")
         try:

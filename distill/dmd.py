@@ -25,6 +25,7 @@ from distill.losses import Cond, critic_loss, dmd_loss
 from distill.moe import build_dmd as build_moe_dmd
 from distill.moe import check_one_dit, is_expert_folder, pair_student
 from distill.moe_export import export_pair
+from distill.moe_sharded import call_side
 from distill.ti2v import TI2VBatch, TI2VNet, ti2v_rollout
 from distill.trainer import Metrics, Trainer
 from inference.config import InferConfig
@@ -192,7 +193,8 @@ class DMDTrainer(Trainer):
                     mask = None if ti2v is None else ti2v.mask
                     loss, m = dmd_loss(x, self.scored(self.real_score, ti2v), self.scored(self.critic, ti2v), cond,
                                        uncond, self.real_guidance, cfg.dmd.timestep_shift, cfg.dmd.t_min,
-                                       cfg.dmd.t_max, rng, cfg.dmd.guide_interval, mask=mask)
+                                       cfg.dmd.t_max, rng, cfg.dmd.guide_interval, mask=mask,
+                                       side=call_side(self, step, 0, micro))
                 if not self.check_finite(loss.detach(), "generator DMD"):
                     self.opt_g.zero_grad(set_to_none=True)
                     return {"generator_skipped": 1.0}
@@ -215,7 +217,8 @@ class DMDTrainer(Trainer):
             with self.no_sync("critic", last):
                 with acc.autocast():
                     loss = critic_loss(self.scored(self.critic, ti2v), x, cond, cfg.dmd.timestep_shift, cfg.dmd.t_min,
-                                       cfg.dmd.t_max, rng, mask=None if ti2v is None else ti2v.mask)
+                                       cfg.dmd.t_max, rng, mask=None if ti2v is None else ti2v.mask,
+                                       side=call_side(self, step, 1, micro))
                 if not self.check_finite(loss.detach(), "critic"):
                     self.opt_c.zero_grad(set_to_none=True)
                     return {"critic_skipped": 1.0}

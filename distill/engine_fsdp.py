@@ -44,8 +44,13 @@ class FSDP2Engine(ShardedEngine):
             from torch.distributed.fsdp import CPUOffloadPolicy
 
             extra["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        for block in skeleton.blocks:
-            fully_shard(block, mesh=self.mesh, **extra)
+        # a two-expert pair (distill/moe_sharded.py): each expert's blocks, then the expert, then the pair
+        experts = getattr(skeleton, "experts", None) or (skeleton,)
+        for dit in experts:
+            for block in dit.blocks:
+                fully_shard(block, mesh=self.mesh, **extra)
+            if dit is not skeleton:
+                fully_shard(dit, mesh=self.mesh, **extra)
         fully_shard(skeleton, mesh=self.mesh, **extra)
         skeleton.to_empty(device="cpu" if self.cpu_offload else self.device)
         # rank 0 holds the full state dict; every rank receives and keeps only its shard
@@ -60,7 +65,9 @@ class FSDP2Engine(ShardedEngine):
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         net = self._shard(skeleton, state, torch.float32, policy)
-        return net, make_opt([p for p in net.parameters() if p.requires_grad])
+        opt = make_opt([p for p in net.parameters() if p.requires_grad])
+        eager_adam_state(opt)
+        return net, opt
 
     def frozen(self, skeleton, state, dtype):
         return self._shard(skeleton.requires_grad_(False), state, dtype).eval()
@@ -130,3 +137,23 @@ class FSDP2Engine(ShardedEngine):
                            optim_state_dict=state[name]["optim"])
         for name, obj in extra.items():
             obj.load_state_dict({k: v.to_local() for k, v in state[name].items()})
+
+
+def eager_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Create Adam(W)'s per-parameter state now, exactly as its first step with a gradient would (zeros, step 0).
+
+    Every checkpoint then holds every parameter's state: a parameter that has had no gradient yet (the expert of a
+    pair that no step has reached, distill/moe_sharded.py) would otherwise have none, and a DCP load, which fills
+    the state a fresh optimizer reports for all parameters, would find its keys missing. Adam skips a parameter
+    without a gradient, so the zeros stay until its first one, as with the lazy state."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state:
+                continue
+            on_device = group.get("capturable") or group.get("fused")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

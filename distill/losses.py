@@ -7,15 +7,16 @@ Convention (inference/flow.py): x_s = (1 - s) x0 + s eps, v = eps - x0, timestep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from inference.flow import add_noise, shift_sigma, sigma_of, timestep_of, v_from_x0_eps, x0_from_v
+from inference.flow import add_noise, shift_sigma, sigma_of, timestep_of, unshift_sigma, v_from_x0_eps, x0_from_v
 from inference.guidance import Cond, Guidance, guided_velocity
 
-__all__ = ["Cond", "critic_loss", "critic_sigmas", "dmd_loss", "flow_matching_loss", "guided_x0",
-           "ode_regression_loss", "sample_sigmas"]
+__all__ = ["Cond", "ExpertSide", "critic_loss", "critic_sigmas", "dmd_loss", "flow_matching_loss", "guided_x0",
+           "ode_regression_loss", "sample_sigmas", "side_draw"]
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator | None = None,
@@ -38,11 +39,37 @@ def flow_matching_loss(net, x0: Tensor, cond: Cond, shift: float,
     return (v.float() - v_from_x0_eps(x0, eps).float()).pow(2).mean()
 
 
+@dataclass(frozen=True)
+class ExpertSide:
+    """Critic timesteps of one call drawn on one side of a two-expert boundary (a fraction of 1000): every sample
+    of the call then reaches the same teacher / critic expert. See `side_draw`."""
+
+    high: bool
+    boundary: float
+
+
+def side_draw(shift: float, boundary: float, t_min: float, t_max: float, shared: torch.Generator) -> ExpertSide:
+    """Which side of `boundary` a call's critic timesteps lie on, high with probability P(t >= boundary) under
+    `critic_sigmas`. `shared` must give the same draw on every rank: sharded experts (FSDP2) then all-gather the
+    same expert on every rank. With the per-sample draw of `critic_sigmas(..., side=...)` inside the chosen side,
+    each sample's timestep keeps exactly the distribution of the unrestricted draw (a two-part mixture)."""
+    if not t_min <= boundary * 1000.0 <= t_max:
+        raise ValueError(f"the expert boundary {boundary * 1000:g} is outside the critic's timestep range "
+                         f"[{t_min:g}, {t_max:g}]: one expert would never be reached")
+    u_b = float(unshift_sigma(torch.tensor(boundary, dtype=torch.float64), shift))
+    return ExpertSide(bool(torch.rand((), generator=shared) >= u_b), boundary)
+
+
 def critic_sigmas(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> Tensor:
+                  device: torch.device | str = "cpu", side: ExpertSide | None = None) -> Tensor:
     """Critic timestep (docs/step_distillation.md step 2): u ~ U[0,1), s' = shift(u), t = 1000 s' clamped to
-    [t_min, t_max]. [B]."""
-    return sample_sigmas(batch, shift, generator, device).clamp(sigma_of(t_min), sigma_of(t_max))
+    [t_min, t_max]. [B]. `side`: u ~ U[u_b, 1) (high) or U[0, u_b) (low), u_b = shift^-1(boundary), the same u
+    draws remapped, so every sample is on that side of the boundary."""
+    u = torch.rand(batch, generator=generator).to(device)
+    if side is not None:
+        u_b = float(unshift_sigma(torch.tensor(side.boundary, dtype=torch.float64), shift))
+        u = u_b + u * (1 - u_b) if side.high else u * u_b
+    return shift_sigma(u, shift).clamp(sigma_of(t_min), sigma_of(t_max))
 
 
 def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guidance: float | Guidance,
@@ -58,7 +85,8 @@ def guided_x0(net, x_t: Tensor, s: Tensor, cond: Cond, uncond: Cond | None, guid
 def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None, guidance: float, shift: float,
              t_min: float = 20.0, t_max: float = 980.0,
              generator: torch.Generator | None = None,
-             interval: Sequence[float] | None = None, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             interval: Sequence[float] | None = None, mask: Tensor | None = None,
+             side: ExpertSide | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD generator loss on the generator's sample x [B, C, F, H, W] (with grad), docs/step_distillation.md steps 2-4.
 
         x_t = (1 - s) x + s eps                            (no grad, s from `critic_sigmas`)
@@ -68,11 +96,12 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
 
     so descent moves x towards the teacher's guided distribution and away from the generator's own.
     `mask` [B, 1, F, H, W] of 0/1 (TI2V, distill/ti2v.py): grad and normaliser over the entries where it is 1 only
-    (frame 0 of an I2V sample is the given image, not generated).
+    (frame 0 of an I2V sample is the given image, not generated). `side`: the timesteps on one side of a
+    two-expert boundary (`side_draw`; sharded two-expert runs).
     """
     b = x.shape[0]
     with torch.no_grad():
-        s = critic_sigmas(b, shift, t_min, t_max, generator, x.device)
+        s = critic_sigmas(b, shift, t_min, t_max, generator, x.device, side)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         x_t = add_noise(x.detach().float(), eps, s)
         real = guided_x0(real_score, x_t, s, cond, uncond, guidance, interval)
@@ -94,12 +123,13 @@ def dmd_loss(x: Tensor, real_score, fake_score, cond: Cond, uncond: Cond | None,
 
 
 def critic_loss(fake_score, x: Tensor, cond: Cond, shift: float, t_min: float = 20.0, t_max: float = 980.0,
-                generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
+                generator: torch.Generator | None = None, mask: Tensor | None = None,
+                side: ExpertSide | None = None) -> Tensor:
     """Critic (fake score) flow loss on generator samples x (no grad), docs/step_distillation.md "Critic update":
     mean((v_fake(x_t, t) - (eps - x))^2) with x_t = (1 - s) x + s eps and the critic's timestep sampling.
     `mask` [B, 1, F, H, W] of 0/1 (TI2V): the mean over the entries where it is 1 (generated frames) only."""
     x = x.detach().float()
-    s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device)
+    s = critic_sigmas(x.shape[0], shift, t_min, t_max, generator, x.device, side)
     eps = torch.randn(x.shape, generator=generator).to(x.device)
     v = cond(fake_score, add_noise(x, eps, s), timestep_of(s))
     err = (v.float() - v_from_x0_eps(x, eps)).pow(2)

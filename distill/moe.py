@@ -234,6 +234,9 @@ def check_one_dit(cfg: TrainConfig) -> None:
     if cfg.dmd.guide_scale_low is not None:
         raise ValueError(f"dmd.guide_scale_low is the low-noise expert's scale of a two-expert teacher, but model.path="
                          f"{cfg.model.path} holds one DiT: unset it (dmd.guide_scale applies)")
+    if cfg.dmd.critic_side != "auto":
+        raise ValueError(f"dmd.critic_side={cfg.dmd.critic_side} chooses how a two-expert teacher's critic timesteps "
+                         f"are drawn, but model.path={cfg.model.path} holds one DiT: unset it")
 
 
 def check_expert_files(folder: Path, key: str, distill: bool = False) -> None:
@@ -257,10 +260,13 @@ def check_dmd(cfg: TrainConfig) -> float:
     teacher = Path(cfg.model.path)
     check_expert_files(teacher, "model.path")
     boundary = folder_boundary(teacher, cfg.model.boundary)
-    if cfg.distributed.engine not in ("auto", "ddp"):
-        raise ValueError(f"a two-expert teacher ({teacher}) trains under distributed.engine=ddp only for now, got "
-                         f"{cfg.distributed.engine} (the sharded engines wrap one DiT per network, and a per-expert "
-                         f"critic would all-gather an expert on the ranks whose batch reaches it only)")
+    if cfg.distributed.engine in ("fsdp", "hybrid") and cfg.dmd.critic_side == "per_sample":
+        raise ValueError(f"dmd.critic_side=per_sample with distributed.engine={cfg.distributed.engine}: sharded "
+                         f"experts need every rank to run the same expert; use per_call or auto")
+    if cfg.distributed.engine in ("zero2", "zero3"):
+        raise ValueError(f"a two-expert teacher ({teacher}) trains under ddp, fsdp or hybrid, got "
+                         f"distributed.engine={cfg.distributed.engine}: the DeepSpeed engines wrap one DiT per network "
+                         f"(use configs/accelerate/fsdp.yaml; docs/moe_distillation.md)")
     high_cfg = expert_config(expert_dirs(teacher)[0], moe_layout(teacher) == "diffusers")
     if high_cfg["model_type"] != "t2v":
         raise ValueError(f"{teacher} holds {high_cfg['model_type']} experts: two-expert DMD is T2V only for now (the "
@@ -294,6 +300,10 @@ def build_dmd(trainer) -> None:
 
     cfg = trainer.cfg
     boundary = check_dmd(cfg)
+    if trainer.engine:  # FSDP2: rank 0 reads, the experts are sharded block by block (distill/moe_sharded.py)
+        from distill.moe_sharded import build_sharded_dmd
+
+        return build_sharded_dmd(trainer, boundary)
     teacher = Path(cfg.model.path)
     real = load_pair(teacher, boundary, dtype=torch.float32)
     trainer.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
@@ -366,11 +376,15 @@ def set_checkpointing(net: nn.Module, on: bool) -> None:
         m.gradient_checkpointing = on
 
 
-def pair_student(trainer, ema: bool, sampling: bool) -> LoadedExperts:
+def pair_student(trainer, ema: bool, sampling: bool) -> LoadedExperts | None:
     """The generator pair as plain DiTs (EMA weights if `ema`; LoRA mode: adapters merged), fp32 on the host or,
-    `sampling`, on the training device in the training dtype."""
+    `sampling`, on the training device in the training dtype. Sharded engines: rank 0 only (None elsewhere)."""
     from distill.adapters import merged
 
+    if trainer.engine:  # sharded: gathered on rank 0, None elsewhere (a collective)
+        from distill.moe_sharded import gathered_pair
+
+        return gathered_pair(trainer, ema, sampling)
     gen = trainer.unwrap(trainer.gen)
     state = trainer.ema.state_dict() if ema else None
     if trainer.cfg.lora.enabled:

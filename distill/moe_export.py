@@ -47,8 +47,10 @@ def export_pair(trainer) -> Path:
     cfg = trainer.cfg
     out = Path(cfg.output_model or trainer.run_dir / "model")
     use_ema = trainer.step > cfg.dmd.ema_start
-    write_student(out, pair_student(trainer, use_ema, False), trainer.components_path, cfg.distill.schedule(),
-                  trainer.boundary)
+    student = pair_student(trainer, use_ema, False)
+    if student is None:  # a sharded engine's rank > 0: its shards went into the gather
+        return out
+    write_student(out, student, trainer.components_path, cfg.distill.schedule(), trainer.boundary)
     if cfg.lora.enabled:
         gen, state = trainer.unwrap(trainer.gen), trainer.ema.state_dict() if use_ema else None
         for name in EXPERTS:

@@ -164,7 +164,7 @@ def test_generator_and_critic_start_as_their_teacher_experts(trainer, moe_teache
 
 def test_rollout_runs_the_expert_of_each_step(trainer):
     spy = Spy(trainer.gen)
-    cond, _, noise, rng = trainer._batch(0, 0, 0)
+    cond, _, noise, rng, _ = trainer._batch(0, 0, 0)
     with torch.no_grad():
         backward_simulation(lambda x, t: cond(trainer.gen, x, t), noise, trainer.scheduler, 3, gaussian_noise(rng))
     high = [round(t[0], 1) for t in spy.seen[HIGH]]
@@ -175,7 +175,7 @@ def test_rollout_runs_the_expert_of_each_step(trainer):
 
 def test_real_score_routes_each_critic_timestep(trainer):
     spy_real, spy_fake = Spy(trainer.real_score), Spy(trainer.critic)
-    cond, uncond, noise, _ = trainer._batch(0, 0, 0)
+    cond, uncond, noise, _, _ = trainer._batch(0, 0, 0)
     x = noise[:, :, :, :, :] * 0.5
     cond, uncond = Cond(cond.context.repeat(4, 1, 1)), Cond(uncond.context.repeat(4, 1, 1))
     x = x.repeat(4, 1, 1, 1, 1)  # 8 samples: both sides of the boundary are drawn
@@ -392,9 +392,9 @@ def test_config_errors(moe_teacher, tmp_path, tiny_t2v_dir):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"low_noise_model/diffusion_pytorch_model.safetensors \(model.path"):
         check_dmd(_cfg(tmp_path / "run", broken))
-    # not yet: the sharded engines (checked before any model is read)
-    with pytest.raises(ValueError, match="distributed.engine=ddp"):
-        check_dmd(_cfg(tmp_path / "run", moe_teacher, "distributed.engine=fsdp"))
+    # the DeepSpeed engines wrap one DiT per network (checked before any model is read; FSDP2: test_moe_sharded.py)
+    with pytest.raises(ValueError, match="distributed.engine=zero2"):
+        check_dmd(_cfg(tmp_path / "run", moe_teacher, "distributed.engine=zero2"))
 
 
 # ---- planner -----------------------------------------------------------------------------------------------------
@@ -432,14 +432,15 @@ def test_a14b_config_header_matches_the_planner():
     from distill.plan import estimate
 
     path = REPO / "configs/train/wan/t2v_a14b_dmd.yaml"
-    head = re.sub(r"\s+", " ", " ".join(line.lstrip("# ") for line in path.read_text().splitlines()
+    head = re.sub(r"\s+", " ", " ".join(line.lstrip("# ").rstrip("\\") for line in path.read_text().splitlines()
                                         if line.startswith("#")))
     cfg = load_train_config(path)
     plan = estimate(cfg, "fsdp", 8, offload=True)
     assert float(re.search(r"peak (\d+\.\d) GiB per GPU", head).group(1)) == pytest.approx(plan.peak, abs=0.051)
     assert float(re.search(r"host RAM (\d+) GiB per node", head).group(1)) == pytest.approx(
         plan.host_memory["peak per node"], abs=0.51)
-    assert "accelerate launch" not in head  # no multi-GPU launch until expert pairs run under DDP / FSDP2
+    assert "accelerate launch --config_file configs/accelerate/fsdp.yaml train.py --config " \
+           "configs/train/wan/t2v_a14b_dmd.yaml distributed.cpu_offload=true" in head  # the planned engine
 
 
 def test_two_processes_equal_one_with_accumulation(moe_teacher, tmp_path):
