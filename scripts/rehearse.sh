@@ -252,6 +252,13 @@ wan22_student() {
 }
 derive configs/infer/wan22/wan22_moe_t2v_distill_4step.json "$C/wan22_moe_t2v_distill.json" "${SMALL[@]}"
 step infer_wan22_t2v_distill wan22_student
+# two-expert DMD with the shipped A14B YAML and its launch line (FSDP2 + CPU offload, experts sharded), 2 processes,
+# then the trained two-expert export with the shipped 4-step config
+step accelerate_fsdp_offload_wan22_t2v_a14b_yaml launch configs/accelerate/fsdp.yaml \
+  configs/train/wan/t2v_a14b_dmd.yaml "$M/wan22_t2v" "$WORK/prompts.txt" data.text_store="$R/wan22_t2v_store" \
+  "$R/fsdp_wan22_t2v" distributed.cpu_offload=true
+step infer_wan22_t2v_distill_export infer --config "$C/wan22_moe_t2v_distill.json" \
+  --model_path "$R/fsdp_wan22_t2v/model" --prompt "$P" --save_result_path "$O/wan22_t2v_distill_export.mp4"
 
 # ---- Wan2.2 TI2V-5B: one mini folder (Wan2.2 VAE, ti2v DiT), T2V and I2V with the same weights (docs/wan22_ti2v.md)
 step mini_wan22_ti2v "$PY" -m models.mini_ti2v --out "$M/wan22_ti2v"
