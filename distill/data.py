@@ -163,8 +163,11 @@ class PromptBatches:
 
     def __init__(self, prompts: Sequence[str], text, seed: int, rank: int = 0, world_size: int = 1, vae=None,
                  image_encoder=None, world: ShapesWorld | None = None, images: ImagePairs | None = None,
-                 device: torch.device | str = "cpu", image_fraction: float | None = None) -> None:
+                 device: torch.device | str = "cpu", image_fraction: float | None = None, i2v: bool | None = None
+                 ) -> None:
         self.prompts, self.text = list(prompts), text
+        # I2V conditioning (y, and CLIP features when there is an image encoder: the Wan2.2 I2V experts have none)
+        self.i2v = image_encoder is not None if i2v is None else i2v
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.vae, self.image_encoder, self.world, self.images = vae, image_encoder, world, images
         self.device = torch.device(device)
@@ -176,7 +179,7 @@ class PromptBatches:
         if len(text) != len(self.prompts) + 1:
             raise ValueError(f"the text table holds {len(text)} rows; expected the {len(self.prompts)} prompts "
                              f"and the negative prompt")
-        if image_encoder is not None and world is None and images is None:
+        if self.i2v and world is None and images is None:
             raise ValueError("I2V distillation needs conditioning images: data.source=shapes, or a prompt/image "
                              "pairs source (data.prompt_path with data.image_column, or a captioned image folder)")
         self.row_of = {p: i for i, p in enumerate(self.prompts)} if world is not None else None
@@ -199,7 +202,7 @@ class PromptBatches:
         prompts = [self.prompts[i] for i in rows]
         cond = Cond(self.text.rows(rows).to(self.device))
         uncond = Cond(self.text.rows([self.text.negative_row] * batch).to(self.device))
-        if self.image_encoder is not None:
+        if self.i2v:
             cond.clip_fea, cond.y = self.image_inputs(rows, seeds, latent_shape)
             uncond.clip_fea, uncond.y = cond.clip_fea, cond.y
         return cond, uncond, prompts
@@ -323,11 +326,11 @@ def build_prompt_batches(cfg, kind: str, text_encoder, vae, image_encoder, text_
         text = ensure_store(cfg, listed, text_len, device, rank, world_size, barrier, log)
     else:
         text = TextCache(text_encoder, listed, text_len)
-    if image_encoder is not None:
-        vae, image_encoder = vae.to(device), image_encoder.to(device)
-    elif fraction:
-        vae = vae.to(device)  # TI2V encodes the start images with the Wan2.2 VAE
-    return PromptBatches(prompts, text, seed, rank, world_size, vae, image_encoder, world, pairs, device, fraction)
+    if kind == "i2v" or fraction:  # the VAE (and CLIP) encode the conditioning images on the device
+        vae = vae.to(device)
+        image_encoder = None if image_encoder is None else image_encoder.to(device)
+    return PromptBatches(prompts, text, seed, rank, world_size, vae, image_encoder, world, pairs, device, fraction,
+                         i2v=kind == "i2v")
 
 def all_prompts() -> list[str]:
     """The world's 96 prompts plus "" (the unconditional prompt for CFG dropout)."""

@@ -268,9 +268,9 @@ def check_dmd(cfg: TrainConfig) -> float:
                          f"distributed.engine={cfg.distributed.engine}: the DeepSpeed engines wrap one DiT per network "
                          f"(use configs/accelerate/fsdp.yaml; docs/moe_distillation.md)")
     high_cfg = expert_config(expert_dirs(teacher)[0], moe_layout(teacher) == "diffusers")
-    if high_cfg["model_type"] != "t2v":
-        raise ValueError(f"{teacher} holds {high_cfg['model_type']} experts: two-expert DMD is T2V only for now (the "
-                         f"I2V-A14B experts take no CLIP features, which the trainer's I2V data path computes)")
+    if high_cfg["model_type"] not in ("t2v", "i2v"):
+        raise ValueError(f"{teacher} holds {high_cfg['model_type']} experts: two-expert DMD takes T2V-A14B or "
+                         f"I2V-A14B experts")
     init = cfg.model.generator_init
     if init is not None:
         two = is_expert_folder(init)
@@ -296,7 +296,7 @@ def build_dmd(trainer) -> None:
     """DMDTrainer.build for a two-expert teacher (model.path): real score, generator, critic, EMA, optimizers."""
     from distill.adapters import with_lora
     from distill.ema import EMA
-    from models.components import load_encoders
+    from models.components import encoder_task, load_encoders
 
     cfg = trainer.cfg
     boundary = check_dmd(cfg)
@@ -308,8 +308,8 @@ def build_dmd(trainer) -> None:
     real = load_pair(teacher, boundary, dtype=torch.float32)
     trainer.task = "i2v" if real.model_type in ("i2v", "flf2v") else "t2v"
     trainer.components_path = Path(cfg.model.components_path or teacher)
-    trainer.vae, trainer.text_encoder, trainer.image_encoder = load_encoders(trainer.components_path, trainer.task,
-                                                                             real.text_len)
+    trainer.vae, trainer.text_encoder, trainer.image_encoder = load_encoders(
+        trainer.components_path, encoder_task(trainer.task, real), real.text_len)  # I2V-A14B: no CLIP
     dtype = torch.bfloat16 if cfg.dmd.real_score_dtype == "bf16" else torch.float32
     trainer.real_score = real.to(trainer.device, dtype).eval().requires_grad_(False)
     init = cfg.model.generator_init

@@ -58,7 +58,7 @@ def build_sharded_dmd(trainer, boundary: float) -> None:
     `dmd.generator` / `dmd.critic`), EMA of this rank's generator shards."""
     from distill.ema import EMA
     from distill.moe import real_guidance, set_checkpointing, student_split
-    from models.components import load_dit, load_encoders
+    from models.components import encoder_task, load_dit, load_encoders
 
     cfg, engine = trainer.cfg, trainer.engine
     teacher = Path(cfg.model.path)
@@ -88,8 +88,8 @@ def build_sharded_dmd(trainer, boundary: float) -> None:
     trainer.opt_g, trainer.opt_c = trainer.optimizers["generator"], trainer.optimizers["critic"]
     trainer.task = "i2v" if model_type in ("i2v", "flf2v") else "t2v"
     trainer.components_path = Path(cfg.model.components_path or teacher)
-    trainer.vae, trainer.text_encoder, trainer.image_encoder = load_encoders(trainer.components_path, trainer.task,
-                                                                             text_len)
+    trainer.vae, trainer.text_encoder, trainer.image_encoder = load_encoders(
+        trainer.components_path, encoder_task(trainer.task, skeleton), text_len)  # I2V-A14B: no CLIP
     trainer.ema = EMA(trainer.unwrap(trainer.gen), cfg.dmd.ema_decay, cfg.dmd.ema_start, local=engine.ema_local)
     trainer.trainable_only = False
     trainer.boundary = boundary

@@ -34,7 +34,7 @@ from inference.flow import shift_sigma, timestep_of, unshift_sigma
 from inference.guidance import Guidance, guided_velocity
 from inference.schedule import write_schedule
 from inference.schedulers import FlowEulerScheduler
-from models.components import copy_components, load_encoders
+from models.components import copy_components, encoder_task, load_encoders
 from models.loading import DISTILL_DIR, write_dit_folder, write_safetensors
 from models.moe import ExpertPair
 
@@ -140,7 +140,8 @@ class ODETrainer(Trainer):
         teacher = load_teacher(cfg, acc).eval().requires_grad_(False).to(self.device)
         self.task = model_kind(teacher.model_type)  # a TI2V teacher was refused by distill/preflight.py
         self.components_path = Path(cfg.model.components_path or cfg.model.path)
-        self.vae, text_encoder, image_encoder = load_encoders(self.components_path, self.task, teacher.text_len)
+        self.vae, text_encoder, image_encoder = load_encoders(self.components_path, encoder_task(self.task, teacher),
+                                                              teacher.text_len)
         self.sigmas = cfg.distill.schedule().sigmas()[:-1]
         self.bank_sigmas = self.existing_bank_sigmas(Path(cfg.ode.trajectories))
         data = build_prompt_batches(cfg, self.task, text_encoder, self.vae, image_encoder,

@@ -160,7 +160,8 @@ def saved_activation_bytes(config: dict, grid: tuple[int, int, int], num_layers:
     x = torch.zeros(1, z, f, h, w, requires_grad=lora is None)
     y = torch.zeros(1, config["in_dim"] - z, f, h, w) if config["model_type"] in ("i2v", "flf2v") else None
     ctx = torch.zeros(1, config["text_len"], config.get("text_dim", 4096))
-    clip = torch.zeros(1, 257, config.get("clip_dim", 1280)) if y is not None else None
+    clip_dim = config.get("clip_dim", 1280)  # None: an I2V DiT without a CLIP branch (the Wan2.2 I2V experts)
+    clip = torch.zeros(1, 257, clip_dim) if y is not None and clip_dim is not None else None
     # TI2V: per-token timesteps [1, L] (an image-conditioned sample: a modulation per token, the larger case)
     pt, ph, pw = config.get("patch_size", (1, 2, 2))
     t = torch.full((1, (f // pt) * (h // ph) * (w // pw)) if config["model_type"] == "ti2v" else (1,), 500.0)
@@ -287,8 +288,8 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     if cfg.task != "pretrain" and image_encoder_params(cfg):  # I2V: CLIP and VAE run on the GPU per batch
         for key in ("peak in backward", "peak in optimizer step", "peak"):
             mem[key] += 4 * image_encoder_params(cfg) / GB
-        label = "TI2V image encoder (Wan2.2 VAE, fp32)" if dit_config(cfg)["model_type"] == "ti2v" else \
-            "I2V encoders (CLIP + VAE, fp32)"
+        label = "I2V encoders (CLIP + VAE, fp32)" if get_spec(cfg.model.spec).image_encoder else \
+            "image encoder (VAE, fp32)"
         mem = {label: 4 * image_encoder_params(cfg) / GB, **mem}
     host = host_memory(cfg, n, engine, gpus, sum(cpu.values()), gpus_per_node)
     return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens), host)
@@ -336,6 +337,8 @@ def image_encoder_params(cfg: TrainConfig) -> int:
     if model_type not in ("i2v", "flf2v"):
         return 0
     spec = cfg.model.spec
+    if spec.startswith("wan2.2"):  # the Wan2.2 I2V experts take no CLIP features: the VAE alone encodes the image
+        return _encoder_params(spec)[2]
     if not get_spec(spec).image_encoder:
         spec = "tiny-i2v" if spec.startswith("tiny") else "wan2.1-i2v-14b-480p"
     _, clip, vae = _encoder_params(spec)

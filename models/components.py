@@ -118,6 +118,13 @@ def _build_image_encoder(entry: dict, folder: Path, dtype: torch.dtype = torch.f
     return model.eval().requires_grad_(False)
 
 
+def encoder_task(task: str, dit: nn.Module) -> str:
+    """The task whose encoders `load_encoders` should build for `dit`: "t2v" (no image encoder) for an I2V DiT
+    without a CLIP branch (the Wan2.2 I2V-A14B experts: y only), else `task`."""
+    takes_clip = hasattr(dit, "img_emb") or (hasattr(dit, "experts") and dit.clip_dim is not None)  # a DiT | a pair
+    return "t2v" if task == "i2v" and not takes_clip else task
+
+
 def load_encoders(folder: str | Path, task: str, text_len: int, dtype: torch.dtype = torch.float32
                   ) -> tuple[nn.Module, TextEncoder, nn.Module | None]:
     """VAE (or codec) in fp32, text encoder and, for I2V, the CLIP image encoder (in `dtype`) of a folder."""

@@ -259,6 +259,14 @@ step accelerate_fsdp_offload_wan22_t2v_a14b_yaml launch configs/accelerate/fsdp.
   "$R/fsdp_wan22_t2v" distributed.cpu_offload=true
 step infer_wan22_t2v_distill_export infer --config "$C/wan22_moe_t2v_distill.json" \
   --model_path "$R/fsdp_wan22_t2v/model" --prompt "$P" --save_result_path "$O/wan22_t2v_distill_export.mp4"
+# I2V-A14B (experts with y and no CLIP) from image/prompt pairs, the same way, on the sharded official mini folder
+step accelerate_fsdp_offload_wan22_i2v_a14b_yaml launch configs/accelerate/fsdp.yaml \
+  configs/train/wan/i2v_a14b_dmd.yaml "$M/wan22_i2v" "$WORK/i2v_pairs.jsonl" data.text_store="$R/wan22_i2v_store" \
+  "$R/fsdp_wan22_i2v" distributed.cpu_offload=true
+derive configs/infer/wan22/wan22_moe_i2v_distill_4step.json "$C/wan22_moe_i2v_distill.json" "${SMALL[@]}"
+step infer_wan22_i2v_distill_export infer --config "$C/wan22_moe_i2v_distill.json" \
+  --model_path "$R/fsdp_wan22_i2v/model" --image_path "$WORK/image0.png" --prompt "$P" \
+  --save_result_path "$O/wan22_i2v_distill_export.mp4"
 
 # ---- Wan2.2 TI2V-5B: one mini folder (Wan2.2 VAE, ti2v DiT), T2V and I2V with the same weights (docs/wan22_ti2v.md)
 step mini_wan22_ti2v "$PY" -m models.mini_ti2v --out "$M/wan22_ti2v"

@@ -378,9 +378,9 @@ def test_config_errors(moe_teacher, tmp_path, tiny_t2v_dir):
         with pytest.raises(ValueError, match=match):
             trainer_for(_cfg(tmp_path / "run", moe_teacher, "max_steps=1", *overrides))
     cfg = json.loads((moe_teacher / HIGH / "config.json").read_text())
-    (moe_teacher / HIGH / "config.json").write_text(json.dumps({**cfg, "model_type": "i2v"}))
+    (moe_teacher / HIGH / "config.json").write_text(json.dumps({**cfg, "model_type": "ti2v"}))
     try:
-        with pytest.raises(ValueError, match="T2V only"):
+        with pytest.raises(ValueError, match="holds ti2v experts: two-expert DMD takes T2V-A14B or I2V-A14B"):
             check_dmd(_cfg(tmp_path / "run", moe_teacher))
     finally:
         (moe_teacher / HIGH / "config.json").write_text(json.dumps(cfg))
