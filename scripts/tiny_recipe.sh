@@ -227,20 +227,29 @@ moe_students() {  # side by side: the two-expert student (+ its rank-64 LoRAs) |
   $PY -m distill.export --run runs/tiny_t2v_moe_dmd_shared --out $MOE/student_shared --dtype bf16
 }
 
+moe_critic_shared() {  # the critic layout measured: the two-expert student with ONE critic (dmd.critic=shared)
+  mkdir -p $MOE/logs
+  timeout "$STAGE_TIMEOUT" $LAUNCH train.py --config configs/train/tiny/t2v_moe_dmd.yaml \
+      run_dir=runs/tiny_t2v_moe_dmd_critic_shared dmd.critic=shared logging.sample_every=0 num_threads=1 $EXTRA "$@" \
+      > $MOE/logs/dmd_critic_shared.log 2>&1 || echo "critic-shared DMD: train exit $?"
+  $PY -m distill.export --run runs/tiny_t2v_moe_dmd_critic_shared --out $MOE/student_critic_shared --dtype bf16
+}
+
 moe_table() {  # two-expert teacher, its 4 steps without CFG, the two-expert student, one student from the same teacher
   local T=configs/infer/tiny/t2v_teacher.json S=configs/infer/tiny/t2v_distill_4step.json
   $PY -m benchmarks.quality $QUALITY --out $R/t2v_moe \
       --config "$T:model_path=checkpoints/tiny-t2v-moe-teacher,model_cls=wan2.2_moe,boundary=0.875" \
       --config "$T:model_path=checkpoints/tiny-t2v-moe-teacher,model_cls=wan2.2_moe,boundary=0.875,infer_steps=4,enable_cfg=false" \
       --config "$S:model_path=$MOE/student_2experts,model_cls=wan2.2_moe,boundary=0.875" \
-      --config "$S:model_path=$MOE/student_shared"
+      --config "$S:model_path=$MOE/student_shared" \
+      --config "$S:model_path=$MOE/student_critic_shared,model_cls=wan2.2_moe,boundary=0.875"
 }
 
-moe() { moe_teacher; moe_students; moe_table; }
+moe() { moe_teacher; moe_students; moe_critic_shared; moe_table; }
 
 stage=${1:-all}; shift || true
 case "$stage" in
   all) components; t2v_teacher; i2v_teacher; t2v_student; t2v_lora_mode; i2v_student; tables ;;
-  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes|few_steps|few_steps_table|few_step_student|moe_teacher|moe_students|moe_table|moe) "$stage" "$@" ;;
+  components|t2v_teacher|i2v_teacher|t2v_student|no_interval|t2v_lora_mode|i2v_student|tables|guide_interval|sweep|sweep_table|i2v_table|lanes|teacher_probes|few_steps|few_steps_table|few_step_student|moe_teacher|moe_students|moe_critic_shared|moe_table|moe) "$stage" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
