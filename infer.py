@@ -8,12 +8,15 @@
         --save_result_path out.mp4
     python infer.py --config configs/infer/tiny/t2v_distill_4step.json --lora_path my_lora.safetensors \
         --lora_strength 0.8 --prompt "..." --save_result_path out.mp4
-    # LightX2V's flags: --config_json, --model_cls (wan2.1 | wan2.1_distill)
+    # LightX2V's flags: --config_json, --model_cls (wan2.1 | wan2.1_distill | wan2.2_moe | wan2.2_moe_distill | wan2.2)
     python infer.py --model_cls wan2.1_distill --config_json configs/infer/wan/wan_t2v_distill_4step_cfg.json \
         --model_path /data/Wan2.1-T2V-14B --prompt "..." --save_result_path out.mp4
     # Wan2.2 TI2V-5B (LightX2V's --model_cls wan2.2): one folder, text-only or from a start image
     python infer.py --config configs/infer/wan22/wan22_ti2v_5b.json --model_path /data/Wan2.2-TI2V-5B \
         --task i2v --image_path frame0.png --prompt "..." --save_result_path out.mp4
+    # Wan2.2 A14B (two experts; LightX2V's --model_cls wan2.2_moe, 4-step students wan2.2_moe_distill)
+    python infer.py --config configs/infer/wan22/wan22_moe_t2v_distill_4step.json --model_path /data/Wan2.2-T2V-A14B \
+        --prompt "..." --save_result_path out.mp4
 
 The result format follows the extension: .mp4 (H.264), .gif, .npy (raw uint8 [F,H,W,3], lossless). Every input is
 checked before torch or a network loads, and each error names what is wrong (docs/serving.md lists the checks).

@@ -60,7 +60,9 @@ ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")
 # Keys of LightX2V configs that have no effect here: accepted (a config written for LightX2V still loads) with a
 # warning naming them, so nobody believes a cache or a tiling is active when it is not.
 IGNORED_KEYS = ("mm_config", "feature_caching", "teacache_thresh", "use_ret_steps", "rotary_chunk", "clean_cuda_cache",
-                "parallel_attn_type")
+                "parallel_attn_type",
+                # LightX2V's TI2V-5B configs: the latent channels and VAE strides, which the folder's files decide here
+                "num_channels_latents", "vae_stride")
 
 
 @dataclass
