@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import distill.trainer as trainer_module
+import distill.sampling as sampling_module
 from distill.config import load_train_config
 from distill.data import shapes_world
 from inference.pipeline import WanPipeline
@@ -41,7 +41,7 @@ class Recorder(WanPipeline):
 @pytest.fixture
 def recorder(monkeypatch):
     Recorder.built, Recorder.fake_generate = [], False
-    monkeypatch.setattr(trainer_module, "WanPipeline", Recorder)
+    monkeypatch.setattr(sampling_module, "WanPipeline", Recorder)
     return Recorder
 
 
