@@ -38,6 +38,7 @@ from inference.requests import (
     lora_files,
     read_confined_image,
 )
+from inference.ti2v_pipeline import TI2VPipeline
 from inference.video import FORMATS, decode_image
 
 log = logging.getLogger("inference.server")
@@ -65,7 +66,7 @@ class Task:
     image_bytes: bytes | None = field(default=None, repr=False)  # an inline (base64) image, decoded
     lora_path: Path | None = None
     lora_strength: float = 1.0
-    overrides: dict[str, int] = field(default_factory=dict)  # InferConfig fields for this call
+    overrides: dict[str, Any] = field(default_factory=dict)  # InferConfig fields for this call (TI2V: task)
     status: str = PENDING
     submit_time: float = field(default_factory=time.time)
     start_time: float | None = None
@@ -135,12 +136,14 @@ class TaskManager:
         cfg = self.pipe.cfg
         task_id = str(uuid.uuid4())
         check_limits(req, self.limits, cfg)
-        if cfg.task == "i2v" and req.image_path is None:
+        overrides: dict[str, Any] = {}
+        if isinstance(self.pipe, TI2VPipeline):  # Wan2.2 TI2V-5B runs both tasks: the request's image decides
+            overrides["task"] = "t2v" if req.image_path is None else "i2v"
+        elif cfg.task == "i2v" and req.image_path is None:
             raise field_error("image_path", "this server runs i2v: image_path (relative to the input directory) "
                                             "is required")
-        if cfg.task == "t2v" and req.image_path is not None:
+        elif cfg.task == "t2v" and req.image_path is not None:
             raise RequestError(400, "image_path is for i2v; this server runs t2v")
-        overrides: dict[str, int] = {}
         if req.infer_steps is not None:
             if cfg.is_distill and req.infer_steps != len(cfg.denoising_step_list):
                 raise field_error("infer_steps", f"this is a distill config: its steps are denoising_step_list "

@@ -205,9 +205,13 @@ def run_generation(pipe: WanPipeline, prompt: str, *, negative_prompt: str | Non
         seed_ = int(np.random.default_rng().integers(0, 2**31))
     if seed_ >= 2**63:
         raise InputError(f"seed must be below 2**63, got {seed_}")
-    if cfg.task == "i2v" and image is None:
+    ti2v = takes_both_tasks(pipe)
+    if cfg.task == "i2v" and image is None and not ti2v:
         raise InputError("this is an image-to-video (I2V) model: upload a start image")
-    rgb = _as_rgb(image) if cfg.task == "i2v" else None  # a T2V model ignores an uploaded image
+    # a T2V model ignores an uploaded image; Wan2.2 TI2V-5B runs I2V with one and T2V without
+    rgb = _as_rgb(image) if image is not None and (cfg.task == "i2v" or ti2v) else None
+    if ti2v:
+        overrides["task"] = "t2v" if rgb is None else "i2v"
     lora = resolve_ui_lora(lora_path, lora_dir) if lora_path and str(lora_path).strip() else None
 
     # The lock first: catch_warnings swaps process-wide state, safe only while one generation runs.
@@ -234,6 +238,13 @@ def run_generation(pipe: WanPipeline, prompt: str, *, negative_prompt: str | Non
 
 
 # ---- the page -----------------------------------------------------------------------------------------------------
+def takes_both_tasks(pipe) -> bool:
+    """Wan2.2 TI2V-5B (`TI2VPipeline`): one model for T2V and I2V, the start image (or none) decides per call."""
+    from inference.ti2v_pipeline import TI2V_MODEL_TYPE
+
+    return getattr(pipe.dit, "model_type", None) == TI2V_MODEL_TYPE
+
+
 def default_cfg_scale(cfg: InferConfig) -> float:
     """The CFG field's default: the config's guide scale when it enables CFG, else 1 (off; distilled models)."""
     return cfg.guide_scales()[0] if cfg.enable_cfg else 1.0  # Wan2.2 MoE [high, low]: the high-noise scale
@@ -245,7 +256,8 @@ def build_ui(pipe: WanPipeline, cfg: InferConfig, lora_dir: str | Path | None = 
     import gradio as gr
 
     distill = cfg.is_distill
-    kind = f"{cfg.task.upper()}, {'distilled ' + str(len(cfg.denoising_step_list)) + '-step' if distill else 'teacher'}"
+    task = "TI2V" if takes_both_tasks(pipe) else cfg.task.upper()
+    kind = f"{task}, {'distilled ' + str(len(cfg.denoising_step_list)) + '-step' if distill else 'teacher'}"
 
     def on_generate(prompt, negative_prompt, image, height, width, frames, seed, steps, shift, cfg_scale,
                     lora_path, lora_strength, progress=gr.Progress()):  # noqa: B008 (Gradio's injection idiom)
@@ -272,8 +284,10 @@ def build_ui(pipe: WanPipeline, cfg: InferConfig, lora_dir: str | Path | None = 
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle moving left", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value=cfg.sample_neg_prompt, lines=1,
                                       info="used only when CFG is on (scale != 1)", elem_id="negative")
-                image = gr.Image(label="Start image (I2V)", type="numpy", image_mode="RGB",
-                                 visible=cfg.task == "i2v", elem_id="image")
+                both = takes_both_tasks(pipe)
+                image = gr.Image(label="Start image (optional: I2V with one, T2V without)" if both else
+                                 "Start image (I2V)", type="numpy", image_mode="RGB",
+                                 visible=cfg.task == "i2v" or both, elem_id="image")
                 with gr.Row():
                     height = gr.Number(cfg.target_height, label="Height", precision=0, info="multiple of 16",
                                        elem_id="height")

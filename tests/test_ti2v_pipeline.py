@@ -194,3 +194,39 @@ def test_bad_requests_are_named(pipe, folder, tmp_path, capsys):
                        str(folder), "--prompt", PROMPT, "--image_path", str(tmp_path / "f.png"),
                        "--save_result_path", str(out)]) == 2
     assert "--image_path is for image-to-video" in capsys.readouterr().err
+
+
+# ---- server and web UI: the request's image (or none) picks the task -----------------------------------------
+def test_server_runs_t2v_and_i2v_requests_on_one_ti2v_model(pipe, tmp_path):
+    """A TI2V server takes both: a request without image_path is T2V, one with an image (inline here) I2V; each
+    result equals the pipeline's own call with the same seed."""
+    import base64
+    import io
+
+    from inference.requests import VideoRequest
+    from inference.tasks import TaskManager
+    from inference.video import read_video
+
+    buf = io.BytesIO()
+    imageio.imwrite(buf, image(64, 96), extension=".png")
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    manager = TaskManager(pipe, "ti2v", tmp_path)
+    t2v = manager.make_task(VideoRequest(prompt=PROMPT, seed=3, save_result_path="t2v.npy"))
+    i2v = manager.make_task(VideoRequest(prompt=PROMPT, seed=3, image_path=data_url, save_result_path="i2v.npy"))
+    assert t2v.overrides == {"task": "t2v"} and i2v.overrides == {"task": "i2v"}
+    for task in (t2v, i2v):
+        manager._generate(task)
+    np.testing.assert_array_equal(read_video(tmp_path / "t2v.npy"), pipe.generate(PROMPT, seed=3)[0])
+    np.testing.assert_array_equal(read_video(tmp_path / "i2v.npy"),
+                                  pipe.generate(PROMPT, seed=3, task="i2v", image=image(64, 96))[0])
+
+
+def test_web_ui_runs_t2v_without_an_image_and_i2v_with_one(pipe, tmp_path):
+    from inference.webui import run_generation, takes_both_tasks
+
+    assert takes_both_tasks(pipe)
+    without = run_generation(pipe, PROMPT, seed=3, output_dir=tmp_path)
+    with_image = run_generation(pipe, PROMPT, seed=3, image=image(64, 96), output_dir=tmp_path)
+    np.testing.assert_array_equal(without.frames, pipe.generate(PROMPT, seed=3)[0])
+    np.testing.assert_array_equal(with_image.frames, pipe.generate(PROMPT, seed=3, task="i2v",
+                                                                   image=image(64, 96))[0])
