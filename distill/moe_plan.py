@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import TrainConfig, load_train_config
-from distill.plan import ENGINES, GPU_RESERVE_GB, Plan, count_params, dit_config, estimate, host_memory
+from distill.plan import ENGINES, GB, GPU_RESERVE_GB, Plan, count_params, dit_config, estimate, host_memory
 
 REPO = Path(__file__).resolve().parents[1]
-A14B_CONFIGS = {"Wan2.2-T2V-A14B": "configs/train/wan/t2v_a14b_dmd.yaml"}
+A14B_CONFIGS = {"Wan2.2-T2V-A14B": "configs/train/wan/t2v_a14b_dmd.yaml",
+                "Wan2.2-I2V-A14B": "configs/train/wan/i2v_a14b_dmd.yaml"}
 STEP_ONLY = ("gradients (fp32, one network at a time)", "optimizer step temporary (fp32)")
 BACKWARD_ONLY = ("activations", "bf16 weight casts (autocast)")
 PEAKS = ("peak in backward", "peak in optimizer step", "peak")
@@ -74,7 +75,9 @@ def estimate_experts(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_
     copies = 2 if cfg.lora.enabled else 2 + g + c
     read = params * copies / (1 if cfg.lora.enabled else 3) if engine == "ddp" else params
     host = host_memory(cfg, int(read), engine, gpus, sum(cpu.values()), gpus_per_node)
-    return ExpertPlan(one.params, one.trainable, one.tokens, engine, gpus, mem, cpu, one.flops_per_iter, host, n)
+    disk = (12 * (g + c) + 4 * g) * one.trainable / GB  # every expert network's fp32 weights + AdamW; EMA x g
+    return ExpertPlan(one.params, one.trainable, one.tokens, engine, gpus, mem, cpu, one.flops_per_iter, host,
+                      checkpoint_gib=disk, experts=n)
 
 
 def min_gpus_experts(cfg: TrainConfig, engine: str, gpu_mem: float, offload: bool = False,
@@ -90,8 +93,8 @@ def min_gpus_experts(cfg: TrainConfig, engine: str, gpu_mem: float, offload: boo
 
 
 def a14b_table(gpu_mem: float = 80.0) -> str:
-    """Markdown: minimum GPUs of `gpu_mem` GiB for two-expert DMD (full with each critic layout, LoRA). † = not
-    implemented: the two-expert trainer runs under DDP only for now (distill/moe.py check_dmd)."""
+    """Markdown: minimum GPUs of `gpu_mem` GiB for two-expert DMD (full with each critic layout, LoRA). † = planned
+    only: pairs run under ddp, fsdp and hybrid (distill/moe_sharded.py), not ZeRO, and LoRA mode not sharded."""
     rows = [f"| model | mode | {' | '.join(ENGINES)} | fsdp + CPU offload |", "|---|---|" + "---|" * (len(ENGINES) + 1)]
     modes = {"full, critic per_expert": [], "full, critic shared": ["dmd.critic=shared"],
              "LoRA, critic per_expert": ["lora.enabled=true"]}
@@ -101,7 +104,8 @@ def a14b_table(gpu_mem: float = 80.0) -> str:
             cells = []
             for engine, offload in [(e, False) for e in ENGINES] + [("fsdp", True)]:
                 p, plan = min_gpus_experts(cfg, engine, gpu_mem, offload)
-                mark = "" if engine == "ddp" and not offload else " †"
+                runs = engine == "ddp" or (engine in ("fsdp", "hybrid") and not cfg.lora.enabled)
+                mark = "" if runs else " †"
                 cells.append((f"{p} ({plan.peak:.0f} GiB)" if p else f"> 128 ({plan.peak:.0f} GiB at 128)") + mark)
             rows.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -61,6 +61,7 @@ class Plan:
     cpu_memory: dict[str, float] = field(default_factory=dict)  # GiB per process, offloaded states
     flops_per_iter: float = 0.0  # per process
     host_memory: dict[str, float] = field(default_factory=dict)  # GiB per node, by item (host_memory())
+    checkpoint_gib: float = 0.0  # one checkpoint on disk: trainable networks and EMA in fp32, AdamW states
 
     @property
     def peak(self) -> float:
@@ -73,6 +74,7 @@ class Plan:
         rows += [f"  CPU: {k:<41s}{v:10.2f} GiB" for k, v in self.cpu_memory.items()]
         rows.append(f"  FLOPs per iteration and process (x grad_accum): {self.flops_per_iter / 1e12:.2f} TFLOP")
         rows += [f"  host: {k:<40s}{v:10.2f} GiB" for k, v in self.host_memory.items()]
+        rows.append(f"  disk: one checkpoint (networks, EMA, AdamW)     {self.checkpoint_gib:10.2f} GiB")
         return "\n".join(rows)
 
 
@@ -292,7 +294,8 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
             "image encoder (VAE, fp32)"
         mem = {label: 4 * image_encoder_params(cfg) / GB, **mem}
     host = host_memory(cfg, n, engine, gpus, sum(cpu.values()), gpus_per_node)
-    return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens), host)
+    disk = (nets * 12 * trainable + (4 * trainable if ema else 0)) / GB  # fp32 weights + 2 AdamW moments; EMA
+    return Plan(n, trainable, tokens, engine, gpus, mem, cpu, flops(cfg, config, n_linear, tokens), host, disk)
 
 
 # ---- host RAM ---------------------------------------------------------------------------------------------------

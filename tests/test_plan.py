@@ -173,3 +173,19 @@ def test_host_ram_items(tiny_i2v_dir):
     # an I2V teacher folder under the default (T2V) spec name: the I2V components of its family
     tiny = estimate(load_train_config(REPO / "configs/train/tiny/i2v_dmd.yaml", [f"model.path={tiny_i2v_dir}"]))
     assert 0 < tiny.memory["I2V encoders (CLIP + VAE, fp32)"] < 0.01
+
+
+def test_checkpoint_size_on_disk():
+    """One checkpoint = every trainable network's fp32 weights and two AdamW moments (12 bytes per parameter each)
+    plus the generator's fp32 EMA: 1.3B DMD (generator + critic) 37.0 GiB, what the H200 rehearsal's failed write
+    needed (docs/real_models.md); LoRA mode holds adapters only; a two-expert teacher counts every expert copy."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_train_config(repo / "configs/train/wan/t2v_1.3b_dmd.yaml")
+    p = estimate(cfg, "ddp", 1)
+    assert p.checkpoint_gib == pytest.approx((2 * 12 + 4) * p.trainable / 2**30) == pytest.approx(37.0, abs=0.05)
+    lora = estimate(load_train_config(repo / "configs/train/wan/t2v_1.3b_dmd.yaml", ["lora.enabled=true"]), "ddp", 1)
+    assert lora.checkpoint_gib == pytest.approx(28 * lora.trainable / 2**30)
+    assert lora.checkpoint_gib < p.checkpoint_gib / 10  # adapters only (2.3 GiB at rank 64)
+    a14b = load_train_config(repo / "configs/train/wan/t2v_a14b_dmd.yaml")
+    pair = estimate(a14b, "fsdp", 8, offload=True)
+    assert pair.checkpoint_gib == pytest.approx((12 * 4 + 4 * 2) * pair.trainable / 2**30)  # 2 + 2 experts, EMA x 2
