@@ -290,8 +290,8 @@ def estimate(cfg: TrainConfig, engine: str = "ddp", gpus: int = 1, gpus_per_node
     if cfg.task != "pretrain" and image_encoder_params(cfg):  # I2V: CLIP and VAE run on the GPU per batch
         for key in ("peak in backward", "peak in optimizer step", "peak"):
             mem[key] += 4 * image_encoder_params(cfg) / GB
-        label = "I2V encoders (CLIP + VAE, fp32)" if get_spec(cfg.model.spec).image_encoder else \
-            "image encoder (VAE, fp32)"
+        clip = dit_config(cfg)["model_type"] in ("i2v", "flf2v") and not cfg.model.spec.startswith("wan2.2")
+        label = "I2V encoders (CLIP + VAE, fp32)" if clip else "image encoder (VAE, fp32)"  # Wan2.2: no CLIP
         mem = {label: 4 * image_encoder_params(cfg) / GB, **mem}
     host = host_memory(cfg, n, engine, gpus, sum(cpu.values()), gpus_per_node)
     disk = (nets * 12 * trainable + (4 * trainable if ema else 0)) / GB  # fp32 weights + 2 AdamW moments; EMA

@@ -402,7 +402,9 @@ def test_log_metrics_keeps_tensors_until_a_logging_step():
     fake = SimpleNamespace(
         cfg=SimpleNamespace(logging=SimpleNamespace(every=3), max_steps=100), pending={}, device=torch.device("cpu"),
         accelerator=SimpleNamespace(num_processes=1),
-        logger=SimpleNamespace(tick=lambda: ticks.append(1), log=lambda step, m: rows.append((step, m))))
+        logger=SimpleNamespace(tick=lambda: ticks.append(1), log=lambda step, m: rows.append((step, m))),
+        train_peak_gib=0.0)
+    fake.cuda_peak = lambda key, carry=0.0: Trainer.cuda_peak(fake, key, carry)  # {} off CUDA: no extra key
     for step, gen in ((1, 2.0), (2, None), (3, 4.0)):
         metrics = {"critic_loss": torch.tensor(float(step)), "lr": 0.5}
         if gen is not None:
