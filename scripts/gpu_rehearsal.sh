@@ -45,8 +45,8 @@ VIDEO=mp4
 "$PY" -c 'import imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()' 2>/dev/null || VIDEO=npy
 TRACKING=(logging.sample_format=$VIDEO)
 "$PY" -c 'import wandb' 2>/dev/null || TRACKING+=(logging.wandb_mode=disabled)
-printf '{"geometry": "%s", "dmd_iterations": %d, "sample_every": %d, "yaml": "%s", "infer_config": "%s", "video": "%s", "overrides": "%s"}\n' \
-  "$GEOMETRY" $STEPS $SAMPLE_EVERY "$YAML" "$INFER" "$VIDEO" "${TRACKING[*]}" >"$WORK/rehearsal.json"
+printf '{"geometry": "%s", "dmd_iterations": %d, "sample_every": %d, "yaml": "%s", "infer_config": "%s", "video": "%s", "overrides": "%s", "work": "%s"}\n' \
+  "$GEOMETRY" $STEPS $SAMPLE_EVERY "$YAML" "$INFER" "$VIDEO" "${TRACKING[*]}" "$WORK" >"$WORK/rehearsal.json"
 
 measure() {  # measure STAGE SCRIPT ARGS...: run in-process, record wall time and peak memory
   local stage=$1; shift

@@ -70,6 +70,10 @@ def summarize(work: Path, skip_steps: set[int] = frozenset()) -> dict[str, Any]:
     times = iteration_times(work / "runs" / "dmd" / "metrics.jsonl")
     plain = [t for s, t in times.items() if s not in skip_steps] or list(times.values())
     config = json.loads((work / "rehearsal.json").read_text()) if (work / "rehearsal.json").is_file() else {}
+    recorded = config.pop("work", None)  # the machine's work folder: written as WORK, so no machine path is kept
+    if recorded:
+        stages = json.loads(json.dumps(stages).replace(recorded, "WORK"))
+        config = json.loads(json.dumps(config).replace(recorded, "WORK"))
     run = work / "runs" / "dmd"
     return {"config": config, "stages": stages, "dmd_iteration_s": {str(k): v for k, v in times.items()},
             "dmd_iteration_median_s": statistics.median(plain), "dmd_iteration_max_s": max(plain),

@@ -367,7 +367,13 @@ def test_rehearsal_report_splits_generator_and_critic_steps_and_reads_cuda_peaks
     assert "training iterations 55.5 GiB, sampling 66.7 GiB" in text
     from scripts.rehearsal_report import main
 
+    (tmp_path / "stages").mkdir(exist_ok=True)
+    (tmp_path / "stages" / "dmd.json").write_text(json.dumps(
+        {"wall_s": 1.0, "exit_code": 0, "peak_host_rss_gib": 1.0, "args": [f"run_dir={tmp_path}/runs/dmd"]}))
+    (tmp_path / "rehearsal.json").write_text(json.dumps({"geometry": "mini", "work": str(tmp_path)}))
     main(["--work", str(tmp_path), "--out", str(tmp_path / "res" / "gpu_rehearsal_1.3b")])  # the dot stays
+    written = (tmp_path / "res" / "gpu_rehearsal_1.3b.json").read_text()
+    assert str(tmp_path) not in written and "run_dir=WORK/runs/dmd" in written  # no machine path is kept
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["gpu_rehearsal_1.3b.json", "gpu_rehearsal_1.3b.md"]
 
 
