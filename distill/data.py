@@ -22,11 +22,11 @@ from torch import Tensor
 from data.shapes import PROMPTS, ShapesWorld
 from distill.losses import Cond
 from distill.prompts import DATASET_SUFFIXES, load_prompts
+from inference.pipeline import image_condition, image_to_tensor
+from inference.video import read_image
 
 if TYPE_CHECKING:
     from distill.ti2v import TI2VBatch
-from inference.pipeline import image_condition, image_to_tensor
-from inference.video import read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -199,6 +199,13 @@ class PromptBatches:
         """(cond, uncond, prompts) for a batch on `device`: context [B, text_len, dim]; I2V clip_fea
         [B, N, clip_dim] and y [B, 4 + z, f, h, w], shared by uncond (the negative prompt)."""
         rows, seeds = self.draw(step, micro, accum, batch)
+        return self._conditioning(rows, seeds, latent_shape)
+
+    @torch.no_grad()
+    def _conditioning(self, rows: Sequence[int], seeds: Sequence[int],
+                      latent_shape: tuple[int, int, int, int]) -> tuple[Cond, Cond, list[str]]:
+        """(cond, uncond, prompts) of drawn rows (and their video seeds: the shapes world's first frames)."""
+        batch = len(rows)
         prompts = [self.prompts[i] for i in rows]
         cond = Cond(self.text.rows(rows).to(self.device))
         uncond = Cond(self.text.rows([self.text.negative_row] * batch).to(self.device))
@@ -217,8 +224,8 @@ class PromptBatches:
         from distill.ti2v import TI2VBatch
         from inference.ti2v_pipeline import fit_image
 
-        cond, uncond, prompts = self.get(step, micro, accum, batch, latent_shape)
         rows, seeds = self.draw(step, micro, accum, batch)
+        cond, uncond, prompts = self._conditioning(rows, seeds, latent_shape)
         index = ((step * accum + micro) * self.world_size + self.rank) * batch
         with_image = np.random.default_rng([self.seed, index, 2]).random(batch) < self.image_fraction
         latents: list[Tensor | None] = [None] * batch
